@@ -1,0 +1,1 @@
+"""npu_optim_compile: graph-mode fused RMSprop."""

@@ -1,0 +1,1 @@
+"""FX passes that fuse foreach ops horizontally (installed as npu_optim_compile.passes)."""
