@@ -1,1 +1,23 @@
-"""npu_optim_compile: graph-mode fused RMSprop."""
+"""npu_optim_compile: graph-mode fused RMSprop for PyTorch.
+
+- :class:`NpuFusedRMSprop`: a drop-in for ``torch.optim.RMSprop`` and
+  ``torch_npu.optim.NpuFusedRMSprop`` whose step is one compiled kernel per bucket.
+- :func:`rmsprop_step`: the traceable functional step, the one source of the math.
+- :func:`rmsprop_init` / :func:`rmsprop_update`: a pure, jax-style API over pytrees.
+
+Importing this package never imports torch_npu or torchair.
+"""
+
+from .functional import rmsprop_step
+from .optimizer import NpuFusedRMSprop
+from .pure import RMSpropState, rmsprop_init, rmsprop_update
+
+__all__ = [
+    "NpuFusedRMSprop",
+    "RMSpropState",
+    "rmsprop_init",
+    "rmsprop_step",
+    "rmsprop_update",
+]
+
+__version__ = "0.1.0"

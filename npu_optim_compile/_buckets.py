@@ -1,0 +1,225 @@
+"""Flat buffers ("tensor fusion"): one buffer per role and (param group, device, dtype).
+
+A :class:`Bucket` owns one flat buffer for the params, one for the grads and one per
+state buffer (``square_avg``, ``grad_avg``, ``momentum_buffer``), plus a flat float
+buffer of step counts. Each parameter, its ``.grad`` and its state tensors are
+re-pointed to views of those buffers, so one fused kernel updates the whole bucket.
+
+The per-parameter tensors (``p``, ``p.grad``, ``optimizer.state[p][...]``) stay the
+source of truth. When one of them no longer lives where the bucket put it (a fresh
+``.grad`` after ``zero_grad(set_to_none=True)``, ``p.data = ...``, ``model.to()``, a
+``load_state_dict``), the bucket notices by data pointer and gathers again: nothing is
+silently lost, the fast path is simply the common path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _get_scalar_dtype
+
+__all__ = ["Bucket", "GroupLayout", "STATE_ROLES"]
+
+#: State buffers, in the order the step receives them.
+STATE_ROLES = ("square_avg", "grad_avg", "momentum_buffer")
+
+
+def is_non_overlapping_and_dense(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill ``numel`` consecutive slots (any dim order)."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _ptrs(tensors: Iterable[Tensor]) -> tuple[int, ...]:
+    return tuple(map(Tensor.data_ptr, tensors))
+
+
+def _slot(flat: Tensor, like: Tensor, offset: int) -> Tensor:
+    """A view of ``flat`` at ``offset`` with ``like``'s shape and strides.
+
+    Valid because ``like`` is non-overlapping and dense: its strides are a permutation
+    of a contiguous layout, so it covers exactly ``numel`` consecutive elements.
+    """
+    return flat.as_strided(like.shape, like.stride(), flat.storage_offset() + offset)
+
+
+def _math_view(flat: Tensor) -> Tensor:
+    """The real tensor the step works on (complex numbers as pairs of reals)."""
+    return torch.view_as_real(flat) if flat.is_complex() else flat
+
+
+def _new_zeros_state(p: Tensor) -> Tensor:
+    return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def init_state(state: dict, p: Tensor, roles: Sequence[str]) -> None:
+    """Create torch.optim.RMSprop's state for ``p`` (lazily, as torch does)."""
+    if "step" not in state:
+        state["step"] = torch.zeros((), dtype=_get_scalar_dtype())
+    for role in roles:
+        if role not in state:
+            state[role] = _new_zeros_state(p)
+
+
+@dataclass
+class Bucket:
+    """Flat buffers for params of one device and dtype within one param group."""
+
+    params: list[Tensor]
+    roles: tuple[str, ...]
+    param: Tensor
+    grad: Tensor
+    state: dict[str, Tensor]
+    steps: Tensor
+    grad_slots: list[Tensor] = field(repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.param.device
+
+    @property
+    def math_dtype(self) -> torch.dtype:
+        return _math_view(self.param).dtype
+
+    @staticmethod
+    def gather(params: list[Tensor], states: dict, roles: tuple[str, ...]) -> Bucket:
+        """Allocate the flat buffers, copy every current tensor in, and re-point.
+
+        ``params`` share one device and dtype and are non-overlapping and dense; their
+        state dicts already hold every role in ``roles``.
+        """
+        first = params[0]
+        total = sum(p.numel() for p in params)
+        offsets = []
+        offset = 0
+        for p in params:
+            offsets.append(offset)
+            offset += p.numel()
+
+        def new_flat() -> Tensor:
+            return torch.empty(total, dtype=first.dtype, device=first.device)
+
+        flat_param, flat_grad = new_flat(), new_flat()
+        flat_state = {role: new_flat() for role in roles}
+        steps = torch.empty(len(params), dtype=_get_scalar_dtype())
+        grad_slots = []
+        with torch.no_grad():
+            for i, (p, off) in enumerate(zip(params, offsets)):
+                st = states[p]
+                view = _slot(flat_param, p, off)
+                view.copy_(p)
+                p.data = view
+                gslot = _slot(flat_grad, p, off)
+                gslot.copy_(p.grad)
+                p.grad = gslot
+                grad_slots.append(gslot)
+                for role in roles:
+                    sview = _slot(flat_state[role], p, off)
+                    sview.copy_(st[role])
+                    st[role] = sview
+                steps[i] = st["step"]
+                st["step"] = steps[i]
+        return Bucket(params, roles, flat_param, flat_grad, flat_state, steps, grad_slots)
+
+    def owns(self, t: Tensor) -> bool:
+        """Whether ``t`` lives in one of this bucket's buffers."""
+        if t.numel() == 0 or t.layout != torch.strided:
+            return False
+        ptr = t.data_ptr()
+        for flat in (self.param, self.grad, self.steps, *self.state.values()):
+            start = flat.data_ptr()
+            if flat.device == t.device and start <= ptr < start + flat.numel() * flat.element_size():
+                return True
+        return False
+
+    def release(self, states: dict) -> None:
+        """Give each tensor that still lives in this bucket's buffers (a param that left
+        the bucket, its grad, its state) its own storage, so the buffers can be freed."""
+        with torch.no_grad():
+            for p in self.params:
+                if self.owns(p):
+                    p.data = p.data.clone(memory_format=torch.preserve_format)
+                if p.grad is not None and self.owns(p.grad):
+                    p.grad = p.grad.clone(memory_format=torch.preserve_format)
+                st = states.get(p, {})
+                for key, value in list(st.items()):
+                    if isinstance(value, Tensor) and self.owns(value):
+                        st[key] = value.clone()
+
+    def math_tensors(self, roles: Sequence[str]) -> list[Tensor]:
+        """The flat param and grad and the given state buffers, as real tensors."""
+        return [_math_view(self.param), _math_view(self.grad)] + [
+            _math_view(self.state[r]) for r in roles
+        ]
+
+
+def _bucket_key(p: Tensor) -> tuple:
+    return (p.device, p.dtype)
+
+
+@dataclass
+class GroupLayout:
+    """The buckets of one param group and what they expect to find at the next step."""
+
+    roles: tuple[str, ...]
+    param_ids: tuple[int, ...]
+    param_ptrs: tuple[int, ...]
+    grad_ptrs: tuple[int, ...]
+    buckets: list[Bucket]
+    loose: list[Tensor]  # params that cannot be viewed into a flat buffer
+    stale: bool = False  # set by load_state_dict: the state tensors were replaced
+
+    @staticmethod
+    def build(
+        params: list[Tensor], states: dict, roles: tuple[str, ...], old: GroupLayout | None
+    ) -> GroupLayout:
+        """Gather ``params`` (those with a grad, in group order) into buckets."""
+        for p in params:
+            init_state(states[p], p, roles)
+        parts: dict[tuple, list[Tensor]] = {}
+        loose = []
+        for p in params:
+            if is_non_overlapping_and_dense(p) and p.numel() > 0:
+                parts.setdefault(_bucket_key(p), []).append(p)
+            else:
+                loose.append(p)
+        buckets = [Bucket.gather(ps, states, roles) for ps in parts.values()]
+        if old is not None:  # after the gather, which may have copied from them
+            for b in old.buckets:
+                b.release(states)
+        return GroupLayout(
+            roles=roles,
+            param_ids=tuple(map(id, params)),
+            param_ptrs=_ptrs(params),
+            grad_ptrs=_ptrs(p.grad for p in params),
+            buckets=buckets,
+            loose=loose,
+        )
+
+    def matches(self, params: list[Tensor]) -> bool:
+        """Whether the same params still live where this layout put them."""
+        return tuple(map(id, params)) == self.param_ids and _ptrs(params) == self.param_ptrs
+
+    def sync_grads(self, params: list[Tensor]) -> None:
+        """Bring grads that autograd allocated anew back into the flat grad buffers."""
+        grads = [p.grad for p in params]
+        if _ptrs(grads) == self.grad_ptrs:
+            return
+        for b in self.buckets:
+            moved_slots, moved_grads = [], []
+            for p, slot in zip(b.params, b.grad_slots):
+                if p.grad.data_ptr() != slot.data_ptr():
+                    moved_slots.append(slot)
+                    moved_grads.append(p.grad)
+                    p.grad = slot
+            if moved_slots:
+                torch._foreach_copy_(moved_slots, moved_grads)
