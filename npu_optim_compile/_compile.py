@@ -1,11 +1,16 @@
 """Compiled bucket steps, cached by structure only.
 
 A bucket step updates one flat buffer per role (see ``_buckets.py``) by calling
-:func:`~npu_optim_compile.rmsprop_step` on one-element lists. Its hyperparameters are
-0-d tensors, so the compiled graph depends only on a :class:`StepKey`: backend, device
-type, dtype and the on/off options. Changing lr, alpha, eps, weight_decay, momentum or
+:func:`~npu_optim_compile.rmsprop_step` on one-element lists. Its hyperparameters come
+in one tensor, ``[lr, alpha, eps, weight_decay, momentum]``, so the compiled graph
+depends only on a :class:`StepKey`: backend, device type, dtype and the on/off options. Changing lr, alpha, eps, weight_decay, momentum or
 the step count never recompiles, and every optimizer in the process with the same
 structure shares one compiled graph (shapes are dynamic, so bucket sizes do not matter).
+
+Note [hyperparameters in one 1-D tensor]: not five 0-d tensors. Fake-tensor conversion
+gives every 0-d CPU float64 input an ``item()`` symbol; tensorification then restarts
+the trace, so a cold compile traced twice (torch 2.13). Elements selected inside the
+graph are 0-d, so they still do not promote the dtype of the buffers they scale.
 
 Note [one code object per key]: Dynamo keeps its cache on the function's code object
 and silently falls back to eager after ``recompile_limit`` (8) entries on one code
@@ -77,7 +82,8 @@ def _make_python_step(key: StepKey) -> BucketStep:
         key.maximize,
     )
 
-    def step(param, grad, square_avg, grad_avg, momentum_buffer, lr, alpha, eps, wd, mom):
+    def step(param, grad, square_avg, grad_avg, momentum_buffer, hyper):
+        lr, alpha, eps, wd, mom = hyper.unbind()
         rmsprop_step(
             [param],
             [grad],
@@ -119,7 +125,16 @@ def _build(key: StepKey) -> BucketStep:
         compiler = _inductor_compiler
     else:
         raise NotImplementedError(f"backend {key.backend!r} is not available yet")
-    return torch.compile(fn, backend=_counting(key, compiler), fullgraph=True, dynamic=True)
+    compiled = torch.compile(fn, backend=_counting(key, compiler), fullgraph=True)
+
+    def call(*args):
+        # Bucket sizes are dynamic from the first compile on (one graph for every size).
+        for t in args[:5]:
+            if t is not None:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        return compiled(*args)
+
+    return call
 
 
 def get_bucket_step(key: StepKey) -> BucketStep:

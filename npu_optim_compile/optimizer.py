@@ -39,24 +39,25 @@ def _hyper_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "npu" else torch.float64
 
 
-class _HyperTensors:
-    """0-d tensors holding a group's hyperparameters on one device, refreshed per step."""
+class _HyperTensor:
+    """A group's hyperparameters on one device, ``[lr, alpha, eps, weight_decay,
+    momentum]`` in one 1-D tensor (see Note [hyperparameters in one 1-D tensor] in
+    ``_compile.py``), refreshed before each step without recompiling anything."""
 
     def __init__(self, device: torch.device) -> None:
-        dtype = _hyper_dtype(device)
-        self.tensors = [torch.zeros((), dtype=dtype, device=device) for _ in _HYPERPARAMETERS]
-        self._seen: list[Any] = [None] * len(_HYPERPARAMETERS)
+        self.tensor = torch.zeros(len(_HYPERPARAMETERS), dtype=_hyper_dtype(device), device=device)
+        self._seen: tuple | None = None
 
-    def refresh(self, group: dict) -> list[Tensor]:
-        for i, name in enumerate(_HYPERPARAMETERS):
-            value = group[name]
-            if isinstance(value, Tensor):
-                self.tensors[i].copy_(value.detach().reshape(()))
-                self._seen[i] = None
-            elif value != self._seen[i]:
-                self.tensors[i].fill_(value)
-                self._seen[i] = value
-        return self.tensors
+    def refresh(self, group: dict) -> Tensor:
+        values = tuple(group[name] for name in _HYPERPARAMETERS)
+        if any(isinstance(v, Tensor) for v in values):
+            for i, v in enumerate(values):
+                self.tensor[i].copy_(v.detach().reshape(()) if isinstance(v, Tensor) else v)
+            self._seen = None
+        elif values != self._seen:
+            self.tensor.copy_(torch.tensor(values, dtype=self.tensor.dtype))
+            self._seen = values
+        return self.tensor
 
 
 class NpuFusedRMSprop(Optimizer):
@@ -128,7 +129,7 @@ class NpuFusedRMSprop(Optimizer):
             )
         self.backend = backend
         self._layouts: dict[int, GroupLayout] = {}
-        self._hyper: dict[tuple[int, torch.device], _HyperTensors] = {}
+        self._hyper: dict[tuple[int, torch.device], _HyperTensor] = {}
         # Same keys as torch.optim.RMSprop, so state_dicts load both ways.
         defaults = dict(
             lr=lr,
@@ -158,10 +159,15 @@ class NpuFusedRMSprop(Optimizer):
                 )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # Also reached from load_state_dict, whose loaded tensors replace our views:
+        # mark the layouts stale, so the next step gathers the loaded values and frees
+        # the old buffers.
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
-        self._layouts = {}
-        self._hyper = {}
+        self.__dict__.setdefault("_layouts", {})
+        self.__dict__.setdefault("_hyper", {})
+        for layout in self._layouts.values():
+            layout.stale = True
         for group in self.param_groups:
             for key, default in (("momentum", 0), ("centered", False), ("maximize", False)):
                 group.setdefault(key, default)
@@ -170,12 +176,6 @@ class NpuFusedRMSprop(Optimizer):
         state = super().__getstate__()
         state["backend"] = self.backend
         return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        # The loaded tensors replaced our views: gather them at the next step.
-        for layout in self._layouts.values():
-            layout.stale = True
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -232,7 +232,7 @@ class NpuFusedRMSprop(Optimizer):
             bucket.steps.add_(1)
             hyper = self._hyper.get((index, bucket.device))
             if hyper is None:
-                hyper = self._hyper[(index, bucket.device)] = _HyperTensors(bucket.device)
+                hyper = self._hyper[(index, bucket.device)] = _HyperTensor(bucket.device)
             key = StepKey(
                 backend=self._resolve_backend(bucket.device),
                 device_type=bucket.device.type,
@@ -247,7 +247,7 @@ class NpuFusedRMSprop(Optimizer):
                 tensors[2 + roles.index("grad_avg")] if centered else None,
                 tensors[2 + roles.index("momentum_buffer")] if use_momentum else None,
             ]
-            get_bucket_step(key)(*step_args, *hyper.refresh(group))
+            get_bucket_step(key)(*step_args, hyper.refresh(group))
 
         if layout.loose:  # params that cannot be views of a flat buffer: plain foreach
             states = [self.state[p] for p in layout.loose]
