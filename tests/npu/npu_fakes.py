@@ -128,6 +128,8 @@ def changed_options(cfg: FakeBaseConfig, prefix: tuple[str, ...] = ()) -> dict[t
     """{attribute path: value} of every option that differs from its default."""
     out: dict[tuple[str, ...], Any] = {}
     for key in cfg._fixed_attrs:
+        if key.startswith("_"):
+            continue  # storage behind a property (graph_dump._path behind .path)
         attr = getattr(cfg, key)
         if isinstance(attr, FakeBaseConfig):
             out.update(changed_options(attr, prefix + (key,)))
