@@ -29,7 +29,6 @@ import json
 import operator
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -102,7 +101,8 @@ def fetch_torch_npu_wheel(
             raise WheelUnavailableError(f"pip download torch_npu=={version} failed: {e}") from e
         wheels = sorted(Path(tmp).glob(f"torch_npu-{version}-*.whl"))
         if proc.returncode != 0 or not wheels:
-            tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
+            lines = (proc.stdout + proc.stderr).strip().splitlines()
+            tail = [line for line in lines if line.startswith("ERROR")] or lines[-3:]
             raise WheelUnavailableError(
                 f"pip download torch_npu=={version} failed (exit {proc.returncode}): "
                 + " | ".join(tail)
@@ -269,7 +269,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--wheel", type=Path, help="a torch_npu wheel (default: download once with pip)")
     parser.add_argument("--output", type=Path, default=ALLOWLIST_PATH, help="JSON file to write/check")
     parser.add_argument("--check", action="store_true", help="exit 1 if --output differs; write nothing")
-    parser.add_argument("--cache-dir", type=Path, default=None, help=f"download cache (default {default_cache_dir()})")
+    parser.add_argument(
+        "--cache-dir", type=Path, default=None, help=f"download cache (default {default_cache_dir()})"
+    )
     return parser.parse_args(argv)
 
 

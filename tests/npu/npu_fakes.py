@@ -85,7 +85,7 @@ class FakeBaseConfig:
     def __setattr__(self, key: str, value: Any) -> None:
         if hasattr(self, "_fixed_attrs"):
             if key not in self._fixed_attrs:
-                raise ValueError(f"{type(self).__name__} has no option {key}, all options {self._fixed_attrs}")
+                raise ValueError(f"{type(self).__name__} has no option {key}, options {self._fixed_attrs}")
             current = getattr(self, key)
             if isinstance(current, FakeOption):
                 current.value = value

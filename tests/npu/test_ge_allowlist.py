@@ -153,7 +153,7 @@ def test_scan_rule_on_synthetic_sources():
             raise ValueError("undecorated: ignored")
         '''
     )
-    later = "@register_fx_node_ge_converter(torch.ops.aten.foo.Tensor)\ndef again(s):\n    raise RuntimeError()\n"
+    later = "@register_fx_node_ge_converter(torch.ops.aten.foo.Tensor)\ndef f(s):\n    raise RuntimeError()\n"
     working, stubs = gal.scan_converters({"a.py": source})
     assert working == {"aten.foo.Tensor", "aten.foo.names"}
     assert stubs == {"aten.foo.out", "aten.foo.Scalar"}

@@ -36,7 +36,8 @@ def test_rejects_unknown_mode_before_importing_torchair(npu_env):
 
 def test_without_torch_npu_says_what_is_missing(npu_env):
     npu_env("torch_npu", None)
-    with pytest.raises(RuntimeError, match=r"make_torchair_backend\(mode='npugraph_ex'\) needs torchair.*not installed"):
+    expected = r"make_torchair_backend\(mode='npugraph_ex'\) needs torchair.*not installed"
+    with pytest.raises(RuntimeError, match=expected):
         _torchair.make_torchair_backend(mode="npugraph_ex")
 
 
@@ -68,7 +69,9 @@ def test_each_backend_gets_its_own_config(fake_torchair):
     assert second.mode.value == "max-autotune" and second.post_grad_custom_pre_pass.value is None
 
 
-@pytest.mark.parametrize(("mode", "dump_type"), [("max-autotune", "pbtxt"), ("reduce-overhead", "py"), ("npugraph_ex", "py")])
+@pytest.mark.parametrize(
+    ("mode", "dump_type"), [("max-autotune", "pbtxt"), ("reduce-overhead", "py"), ("npugraph_ex", "py")]
+)
 def test_dump_dir(fake_torchair, tmp_path, mode, dump_type):
     dump_dir = tmp_path / "dumps" / mode
     _torchair.make_torchair_backend(mode=mode, dump_dir=dump_dir)
@@ -148,6 +151,10 @@ def wheel_sources(torch_npu_wheel):
         }
 
 
+def _function(tree: ast.AST, name: str) -> ast.FunctionDef:
+    return next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == name)
+
+
 def _classes(trees):
     return {n.name: n for tree in trees for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
 
@@ -178,10 +185,8 @@ def _option_schema(cls: ast.ClassDef, classes) -> dict[str, tuple]:
             and isinstance(node.args[0], ast.Constant)
         ):
             name = node.args[0].value
-            setter = any(
-                isinstance(f, ast.FunctionDef) and f.name == name and any(ast.unparse(d) == f"{name}.setter" for d in f.decorator_list)
-                for f in cls.body
-            )
+            methods = [f for f in cls.body if isinstance(f, ast.FunctionDef) and f.name == name]
+            setter = any(f"{name}.setter" in map(ast.unparse, f.decorator_list) for f in methods)
             schema[name] = ("property",) if setter else schema.get(name, ("value", "?"))
     return schema
 
@@ -235,12 +240,12 @@ def test_wheel_schema_check_rejects_what_torchair_lacks(wheel_sources, path, val
 def test_public_torchair_names_exist_in_the_wheel(wheel_sources, fake_torchair):
     init = wheel_sources["__init__.py"]
     exported = next(
-        ast.literal_eval(n.value) for n in init.body if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "__all__"
+        ast.literal_eval(n.value)
+        for n in init.body
+        if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "__all__"
     )
     assert {"CompilerConfig", "get_npu_backend"} <= set(exported)
-    get_npu_backend = next(
-        n for n in wheel_sources["npu_fx_compiler.py"].body if isinstance(n, ast.FunctionDef) and n.name == "get_npu_backend"
-    )
+    get_npu_backend = _function(wheel_sources["npu_fx_compiler.py"], "get_npu_backend")
     _torchair.make_torchair_backend()
     used_kwargs = set(fake_torchair[0]) - {"custom_decompositions"}  # the fake logs defaults too
     assert used_kwargs <= {a.arg for a in get_npu_backend.args.kwonlyargs}
@@ -248,17 +253,16 @@ def test_public_torchair_names_exist_in_the_wheel(wheel_sources, fake_torchair):
 
 def test_acl_graph_dump_accepts_only_py(wheel_sources):
     """fx2acl_converter's dump() raises unless the path ends with '.py' (why ACL modes use "py")."""
-    dump = next(
-        n for n in ast.walk(wheel_sources["_acl_concrete_graph/fx2acl_converter.py"]) if isinstance(n, ast.FunctionDef) and n.name == "dump"
-    )
-    checks = [ast.unparse(n) for n in ast.walk(dump) if isinstance(n, ast.Call) and ast.unparse(n.func) == "path.endswith"]
+    dump = _function(wheel_sources["_acl_concrete_graph/fx2acl_converter.py"], "dump")
+    calls = [n for n in ast.walk(dump) if isinstance(n, ast.Call)]
+    checks = [ast.unparse(n) for n in calls if ast.unparse(n.func) == "path.endswith"]
     assert checks == ["path.endswith('.py')"]
 
 
 def test_acl_static_inputs_come_from_aot_static_input_indices(wheel_sources):
     """torchair marks AOT's static inputs `_torchair_is_parameter`, which ACL capture does not copy."""
     compiler = wheel_sources["npu_fx_compiler.py"]
-    mark = next(n for n in compiler.body if isinstance(n, ast.FunctionDef) and n.name == "_mark_static_inputs_attr")
+    mark = _function(compiler, "_mark_static_inputs_attr")
     source = ast.unparse(mark)
     assert "get_static_input_idxs" in source and "'_torchair_is_parameter'" in source
     parse_input = ast.unparse(wheel_sources["_acl_concrete_graph/fx2acl_converter.py"])
