@@ -81,6 +81,22 @@ class Bucket:
     state: dict[str, Tensor]
     steps: Tensor
     grad_slots: list[Tensor] = field(repr=False)
+    #: What the bucket step receives: the param, grad, square_avg, grad_avg and
+    #: momentum_buffer buffers as real tensors (None for roles not in use), built once.
+    step_args: list[Tensor | None] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        def arg(flat: Tensor | None) -> Tensor | None:
+            if flat is None:
+                return None
+            view = _math_view(flat)
+            # One compiled graph for every bucket size: dim 0 is dynamic from the start.
+            torch._dynamo.maybe_mark_dynamic(view, 0)
+            return view
+
+        self.step_args = [arg(self.param), arg(self.grad)] + [
+            arg(self.state.get(role)) for role in STATE_ROLES
+        ]
 
     @property
     def device(self) -> torch.device:
@@ -154,12 +170,6 @@ class Bucket:
                 for key, value in list(st.items()):
                     if isinstance(value, Tensor) and self.owns(value):
                         st[key] = value.clone()
-
-    def math_tensors(self, roles: Sequence[str]) -> list[Tensor]:
-        """The flat param and grad and the given state buffers, as real tensors."""
-        return [_math_view(self.param), _math_view(self.grad)] + [
-            _math_view(self.state[r]) for r in roles
-        ]
 
 
 def _bucket_key(p: Tensor) -> tuple:

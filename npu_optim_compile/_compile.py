@@ -123,18 +123,15 @@ def _build(key: StepKey) -> BucketStep:
         return fn
     if key.backend == "inductor":
         compiler = _inductor_compiler
+    elif key.backend == "torchair":
+        from ._torchair import make_torchair_backend  # lazy: never at package import
+
+        compiler = make_torchair_backend()
     else:
-        raise NotImplementedError(f"backend {key.backend!r} is not available yet")
-    compiled = torch.compile(fn, backend=_counting(key, compiler), fullgraph=True)
-
-    def call(*args):
-        # Bucket sizes are dynamic from the first compile on (one graph for every size).
-        for t in args[:5]:
-            if t is not None:
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-        return compiled(*args)
-
-    return call
+        raise ValueError(f"unknown backend {key.backend!r}; choose one of {BACKENDS}")
+    # Callers mark dim 0 of the buffers dynamic (``Bucket.step_args``), so every bucket
+    # size shares one graph.
+    return torch.compile(fn, backend=_counting(key, compiler), fullgraph=True)
 
 
 def get_bucket_step(key: StepKey) -> BucketStep:

@@ -10,6 +10,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from ._buckets import GroupLayout
 from ._compile import BACKENDS, StepKey, get_bucket_step
+from ._npu import require_torchair
 from .functional import rmsprop_step
 
 __all__ = ["NpuFusedRMSprop"]
@@ -127,6 +128,8 @@ class NpuFusedRMSprop(Optimizer):
             raise ValueError(
                 f"Invalid backend: {backend!r}. Choose one of {', '.join(map(repr, BACKENDS))}"
             )
+        if backend == "torchair":  # fail now, saying what is missing, not at the first step
+            require_torchair("NpuFusedRMSprop(backend='torchair')")
         self.backend = backend
         self._layouts: dict[int, GroupLayout] = {}
         self._hyper: dict[tuple[int, torch.device], _HyperTensor] = {}
@@ -242,12 +245,7 @@ class NpuFusedRMSprop(Optimizer):
                 weight_decay=use_wd,
                 maximize=maximize,
             )
-            tensors = bucket.math_tensors(roles)
-            step_args = tensors[:3] + [
-                tensors[2 + roles.index("grad_avg")] if centered else None,
-                tensors[2 + roles.index("momentum_buffer")] if use_momentum else None,
-            ]
-            get_bucket_step(key)(*step_args, hyper.refresh(group))
+            get_bucket_step(key)(*bucket.step_args, hyper.refresh(group))
 
         if layout.loose:  # params that cannot be views of a flat buffer: plain foreach
             states = [self.state[p] for p in layout.loose]

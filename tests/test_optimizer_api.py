@@ -194,3 +194,22 @@ def test_lr_schedulers_match_torch(make_scheduler):
             sr.step()
         assert ours.param_groups[0]["lr"] == ref.param_groups[0]["lr"]
     assert_same_state(ours, ref, po, pr, **TOL)
+
+
+def test_torchair_backend_without_torch_npu_says_what_is_missing():
+    from npu_optim_compile._npu import npu_status
+
+    if npu_status().torch_npu_version is not None:
+        pytest.skip("torch_npu imports on this machine")
+    with pytest.raises(RuntimeError, match="torch_npu is not installed|import torch_npu failed"):
+        NpuFusedRMSprop(make_params(), backend="torchair")
+
+
+def test_auto_backend_picks_by_device_type():
+    from types import SimpleNamespace
+
+    opt = NpuFusedRMSprop(make_params())
+    assert opt._resolve_backend(torch.device("cpu")) == "inductor"
+    # torch.device("npu") itself needs torch_npu; only .type is read
+    assert opt._resolve_backend(SimpleNamespace(type="npu")) == "torchair"
+    assert NpuFusedRMSprop(make_params(), backend="eager")._resolve_backend(SimpleNamespace(type="npu")) == "eager"
