@@ -2,7 +2,7 @@
 
 A bucket step updates one flat buffer per role (see ``_buckets.py``) by calling
 :func:`~npu_optim_compile.rmsprop_step` on one-element lists. Its hyperparameters come
-in one tensor, ``[lr, alpha, eps, weight_decay, momentum]``, so the compiled graph
+in one tensor, ``[lr, alpha, eps, weight_decay, momentum, loss_scale, step]``, so the compiled graph
 depends only on a :class:`StepKey`: backend, device type, dtype and the on/off options. Changing lr, alpha, eps, weight_decay, momentum or
 the step count never recompiles, and every optimizer in the process with the same
 structure shares one compiled graph (shapes are dynamic, so bucket sizes do not matter).
@@ -30,10 +30,22 @@ import torch
 
 from .functional import rmsprop_step
 
-__all__ = ["BACKENDS", "StepKey", "get_bucket_step", "compile_counts", "clear_cache"]
+__all__ = ["BACKENDS", "FLAGS", "StepKey", "get_bucket_step", "compile_counts", "clear_cache"]
 
 #: The backends ``NpuFusedRMSprop(backend=...)`` accepts.
 BACKENDS = ("auto", "inductor", "torchair", "eager")
+
+
+#: The on/off options a compiled step can specialise on (``rmsprop_step`` keywords, plus
+#: ``momentum``: momentum buffers in use, ``weight_decay`` / ``loss_scale``: the value is
+#: not the neutral 0 / 1, ``grad_scale`` / ``found_inf``: AMP tensors are passed).
+FLAGS = frozenset(
+    {
+        "centered", "maximize", "momentum", "weight_decay", "eps_in_sqrt", "lr_in_momentum",
+        "decoupled_weight_decay", "lr_unscaled_decay", "nesterov", "bias_correction",
+        "loss_scale", "grad_scale", "found_inf",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -43,15 +55,16 @@ class StepKey:
     backend: str  # "inductor", "torchair" or "eager" (resolved, never "auto")
     device_type: str
     dtype: torch.dtype
-    centered: bool
-    momentum: bool
-    weight_decay: bool
-    maximize: bool
+    flags: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        unknown = self.flags - FLAGS
+        if unknown:
+            raise ValueError(f"unknown step flags {sorted(unknown)}; known: {sorted(FLAGS)}")
 
     def name(self) -> str:
-        flags = [f for f in ("centered", "momentum", "weight_decay", "maximize") if getattr(self, f)]
         dtype = str(self.dtype).removeprefix("torch.")
-        return "_".join(["rmsprop_bucket_step", self.device_type, dtype, *flags])
+        return "_".join(["rmsprop_bucket_step", self.device_type, dtype, *sorted(self.flags)])
 
 
 BucketStep = Callable[..., None]
@@ -75,15 +88,23 @@ def clear_cache() -> None:
 
 def _make_python_step(key: StepKey) -> BucketStep:
     """The bucket step for ``key`` as a fresh function (own code object, see the note)."""
-    centered, momentum, weight_decay, maximize = (
-        key.centered,
-        key.momentum,
-        key.weight_decay,
-        key.maximize,
+    on = key.flags.__contains__
+    options = dict(
+        centered=on("centered"),
+        maximize=on("maximize"),
+        eps_in_sqrt=on("eps_in_sqrt"),
+        lr_in_momentum=on("lr_in_momentum"),
+        decoupled_weight_decay=on("decoupled_weight_decay"),
+        lr_scaled_decay=not on("lr_unscaled_decay"),
+        nesterov=on("nesterov"),
+        bias_correction=on("bias_correction"),
+    )
+    centered, momentum, weight_decay, loss_scale_on, amp_scale, amp_skip = map(
+        on, ("centered", "momentum", "weight_decay", "loss_scale", "grad_scale", "found_inf")
     )
 
-    def step(param, grad, square_avg, grad_avg, momentum_buffer, hyper):
-        lr, alpha, eps, wd, mom = hyper.unbind()
+    def step(param, grad, square_avg, grad_avg, momentum_buffer, hyper, grad_scale, found_inf):
+        lr, alpha, eps, wd, mom, loss_scale, t = hyper.unbind()
         rmsprop_step(
             [param],
             [grad],
@@ -95,8 +116,11 @@ def _make_python_step(key: StepKey) -> BucketStep:
             eps=eps,
             weight_decay=wd if weight_decay else 0.0,
             momentum=mom,
-            centered=centered,
-            maximize=maximize,
+            loss_scale=loss_scale if loss_scale_on else 1.0,
+            state_steps=[t],
+            grad_scale=grad_scale if amp_scale else None,
+            found_inf=found_inf if amp_skip else None,
+            **options,
         )
 
     code = step.__code__.replace(co_name=key.name(), co_qualname=key.name())

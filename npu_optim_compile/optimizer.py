@@ -11,11 +11,25 @@ from torch.optim.optimizer import Optimizer, ParamsT
 from ._buckets import GroupLayout
 from ._compile import BACKENDS, StepKey, get_bucket_step
 from ._npu import require_torchair
-from .functional import rmsprop_step
+from .functional import check_options, rmsprop_step
 
 __all__ = ["NpuFusedRMSprop"]
 
-_HYPERPARAMETERS = ("lr", "alpha", "eps", "weight_decay", "momentum")
+#: The values the compiled step reads at run time, in the order of its hyper tensor.
+_HYPERPARAMETERS = ("lr", "alpha", "eps", "weight_decay", "momentum", "loss_scale")
+
+#: Options beyond torch.optim.RMSprop's, with the defaults that keep its exact update.
+#: They enter a param group only when not at their default, so a default optimizer's
+#: param_groups (and printing) are torch.optim.RMSprop's.
+VARIANT_DEFAULTS: dict[str, Any] = {
+    "eps_in_sqrt": False,
+    "initial_square_avg": 0.0,
+    "lr_in_momentum": False,
+    "decoupled_weight_decay": False,
+    "nesterov": False,
+    "bias_correction": False,
+    "loss_scale": 1.0,
+}
 
 
 def _validate_hyperparameters(lr, alpha, eps, weight_decay, momentum) -> None:
@@ -41,22 +55,24 @@ def _hyper_dtype(device: torch.device) -> torch.dtype:
 
 
 class _HyperTensor:
-    """A group's hyperparameters on one device, ``[lr, alpha, eps, weight_decay,
-    momentum]`` in one 1-D tensor (see Note [hyperparameters in one 1-D tensor] in
+    """One bucket's ``[lr, alpha, eps, weight_decay, momentum, loss_scale, step]`` in one
+    1-D tensor on the bucket's device (see Note [hyperparameters in one 1-D tensor] in
     ``_compile.py``), refreshed before each step without recompiling anything."""
 
     def __init__(self, device: torch.device) -> None:
-        self.tensor = torch.zeros(len(_HYPERPARAMETERS), dtype=_hyper_dtype(device), device=device)
+        self.tensor = torch.zeros(len(_HYPERPARAMETERS) + 1, dtype=_hyper_dtype(device), device=device)
         self._seen: tuple | None = None
 
-    def refresh(self, group: dict) -> Tensor:
-        values = tuple(group[name] for name in _HYPERPARAMETERS)
+    def refresh(self, values: tuple) -> Tensor:
         if any(isinstance(v, Tensor) for v in values):
             for i, v in enumerate(values):
                 self.tensor[i].copy_(v.detach().reshape(()) if isinstance(v, Tensor) else v)
             self._seen = None
         elif values != self._seen:
-            self.tensor.copy_(torch.tensor(values, dtype=self.tensor.dtype))
+            staged = torch.tensor(values, dtype=self.tensor.dtype)
+            if self.tensor.device.type != "cpu":  # no host synchronisation
+                staged = staged.pin_memory()
+            self.tensor.copy_(staged, non_blocking=True)
             self._seen = values
         return self.tensor
 
@@ -105,10 +121,39 @@ class NpuFusedRMSprop(Optimizer):
             ``"inductor"``, ``"torchair"`` or ``"eager"`` (no compilation: the functional
             step on the flat buffers, for debugging).
 
-    Hyperparameters live in 0-d tensors inside the compiled graph: changing them, with
-    an LR scheduler or by hand, never recompiles. The state_dict has
-    torch.optim.RMSprop's format, and each loads into the other.
+    Variants (keyword-only; the defaults keep torch.optim.RMSprop's exact update, and
+    every combination keeps one fused kernel per bucket; formulas in
+    :func:`~npu_optim_compile.rmsprop_step`):
+
+    Args:
+        eps_in_sqrt: :math:`\sqrt{v + \epsilon}` (TensorFlow, Keras, timm, MindSpore,
+            optax) instead of :math:`\sqrt{v} + \epsilon`.
+        initial_square_avg: the mean square :math:`v` starts here (1 in TensorFlow and
+            MindSpore, 0 in PyTorch).
+        lr_in_momentum: :math:`b \leftarrow \mu b + \gamma g/d`, :math:`\theta
+            \leftarrow \theta - b` (TensorFlow, timm, MindSpore, optax); the stored
+            ``momentum_buffer`` is then lr-scaled. Differs from the default only when
+            the learning rate changes.
+        decoupled_weight_decay: :math:`\theta \leftarrow \theta(1 - \gamma\lambda)`
+            before the update instead of adding :math:`\lambda\theta` to the gradient.
+        nesterov: Nesterov momentum (optax's); needs ``momentum > 0``.
+        bias_correction: divide :math:`v` (and :math:`\bar g`) by
+            :math:`1 - \alpha^t` (optax's ``bias_correction``).
+        loss_scale: the gradients are divided by it (MindSpore's fixed loss scale).
+
+    Hyperparameters live in a tensor inside the compiled graph: changing them, with an
+    LR scheduler or by hand, never recompiles. The state_dict has torch.optim.RMSprop's
+    format, and each loads into the other.
+
+    Mixed precision: ``torch.amp.GradScaler`` works as with any optimizer. Because this
+    class sets ``_step_supports_amp_scaling``, the scaler passes its scale and its
+    found-inf flag as tensors: the unscale and the skip of an overflowing step happen
+    inside the compiled step, with no ``.item()`` synchronisation.
     """
+
+    # torch.amp.GradScaler then hands us grad_scale / found_inf tensors instead of
+    # unscaling and checking with .item() itself: both happen inside the compiled step.
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -121,9 +166,31 @@ class NpuFusedRMSprop(Optimizer):
         centered: bool = False,
         *,
         maximize: bool = False,
+        eps_in_sqrt: bool = False,
+        initial_square_avg: float = 0.0,
+        lr_in_momentum: bool = False,
+        decoupled_weight_decay: bool = False,
+        nesterov: bool = False,
+        bias_correction: bool = False,
+        loss_scale: float = 1.0,
         backend: str = "auto",
     ) -> None:
         _validate_hyperparameters(lr, alpha, eps, weight_decay, momentum)
+        check_options(
+            momentum_buffers=momentum > 0,
+            nesterov=nesterov,
+            loss_scale=loss_scale,
+            initial_square_avg=initial_square_avg,
+        )
+        variants = dict(
+            eps_in_sqrt=eps_in_sqrt,
+            initial_square_avg=initial_square_avg,
+            lr_in_momentum=lr_in_momentum,
+            decoupled_weight_decay=decoupled_weight_decay,
+            nesterov=nesterov,
+            bias_correction=bias_correction,
+            loss_scale=loss_scale,
+        )
         if backend not in BACKENDS:
             raise ValueError(
                 f"Invalid backend: {backend!r}. Choose one of {', '.join(map(repr, BACKENDS))}"
@@ -132,7 +199,6 @@ class NpuFusedRMSprop(Optimizer):
             require_torchair("NpuFusedRMSprop(backend='torchair')")
         self.backend = backend
         self._layouts: dict[int, GroupLayout] = {}
-        self._hyper: dict[tuple[int, torch.device], _HyperTensor] = {}
         # Same keys as torch.optim.RMSprop, so state_dicts load both ways.
         defaults = dict(
             lr=lr,
@@ -146,7 +212,69 @@ class NpuFusedRMSprop(Optimizer):
             maximize=maximize,
             differentiable=False,
         )
+        defaults.update({k: v for k, v in variants.items() if v != VARIANT_DEFAULTS[k]})
         super().__init__(params, defaults)
+
+    @classmethod
+    def from_mindspore(
+        cls,
+        params: ParamsT,
+        learning_rate: float = 0.1,
+        decay: float = 0.9,
+        momentum: float = 0.0,
+        epsilon: float = 1e-10,
+        use_locking: bool = False,
+        centered: bool = False,
+        loss_scale: float = 1.0,
+        weight_decay: float = 0.0,
+        **options: Any,
+    ) -> NpuFusedRMSprop:
+        r"""``mindspore.nn.RMSProp``'s update, with its argument names and defaults.
+
+        .. math::
+
+            \begin{aligned}
+            g &\leftarrow (g + \lambda\theta) / s, \qquad s_0 = 1 \text{ (mean square)} \\
+            v &\leftarrow \rho v + (1 - \rho) g^2, \qquad
+                m \leftarrow \beta m + \eta\, g / \sqrt{v + \epsilon}
+                \ \ (\text{centered: } \sqrt{v - \bar g^2 + \epsilon}), \qquad
+                \theta \leftarrow \theta - m
+            \end{aligned}
+
+        with :math:`\eta` = ``learning_rate``, :math:`\rho` = ``decay``, :math:`\beta` =
+        ``momentum``, :math:`s` = ``loss_scale``, :math:`\lambda` = ``weight_decay``.
+        MindSpore adds the L2 term to the *scaled* gradient and then divides by the loss
+        scale, so the decay here is ``weight_decay / loss_scale``. MindSpore decays only
+        params whose names contain neither ``beta`` nor ``gamma``: pass named parameters
+        (``model.named_parameters()``) to get the same split; for plain tensors every
+        param is decayed. ``use_locking`` has no meaning in PyTorch and is ignored.
+        Keyword options of :class:`NpuFusedRMSprop` (``backend``, ...) pass through.
+        """
+        del use_locking
+        if not epsilon > 0:
+            raise ValueError(f"Invalid epsilon value: {epsilon} (MindSpore's RMSProp needs epsilon > 0)")
+        if not loss_scale > 0:
+            raise ValueError(f"Invalid loss_scale value: {loss_scale} (must be > 0)")
+        params = list(params)
+        if params and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in params):
+            exempt = ["beta" in name or "gamma" in name for name, _ in params]
+            no_decay = [p for p, skip in zip(params, exempt) if skip]
+            decay_params = [p for p, skip in zip(params, exempt) if not skip]
+            params = [g for g in ({"params": decay_params}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        return cls(
+            params,
+            lr=learning_rate,
+            alpha=decay,
+            eps=epsilon,
+            weight_decay=weight_decay / loss_scale,
+            momentum=momentum,
+            centered=centered,
+            eps_in_sqrt=True,
+            initial_square_avg=1.0,
+            lr_in_momentum=True,
+            loss_scale=loss_scale,
+            **options,
+        )
 
     # -- torch.optim.Optimizer API -------------------------------------------------
 
@@ -168,7 +296,6 @@ class NpuFusedRMSprop(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("_layouts", {})
-        self.__dict__.setdefault("_hyper", {})
         for layout in self._layouts.values():
             layout.stale = True
         for group in self.param_groups:
@@ -198,7 +325,7 @@ class NpuFusedRMSprop(Optimizer):
 
     # -- internals -------------------------------------------------------------------
 
-    def _layout(self, index: int, group: dict, params: list[Tensor], roles: tuple) -> GroupLayout:
+    def _layout(self, index: int, params: list[Tensor], roles: tuple, options: dict) -> GroupLayout:
         layout = self._layouts.get(index)
         if layout is not None and not layout.stale and layout.roles == roles and layout.matches(params):
             try:
@@ -209,7 +336,14 @@ class NpuFusedRMSprop(Optimizer):
         for p in params:
             if p.grad.is_sparse:
                 raise RuntimeError("NpuFusedRMSprop does not support sparse gradients")
-        layout = GroupLayout.build(params, self.state, roles, layout)
+        layout = GroupLayout.build(
+            params,
+            self.state,
+            roles,
+            layout,
+            initial_square_avg=options["initial_square_avg"],
+            split_by_step=options["bias_correction"],
+        )
         self._layouts[index] = layout
         return layout
 
@@ -218,50 +352,88 @@ class NpuFusedRMSprop(Optimizer):
             return "torchair" if device.type == "npu" else "inductor"
         return self.backend
 
+    def _group_options(self, group: dict) -> dict[str, Any]:
+        """The step options of a group: torch's keys plus the variants (their defaults
+        where the group does not set them). Subclasses map their own keys here."""
+        options = {key: group.get(key, default) for key, default in VARIANT_DEFAULTS.items()}
+        options["lr_scaled_decay"] = True
+        return options
+
     def _step_group(self, index: int, group: dict) -> None:
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
+        options = self._group_options(group)
         centered = bool(group["centered"])
         use_momentum = group["momentum"] > 0
         roles = ("square_avg",) + (("grad_avg",) if centered else ()) + (
             ("momentum_buffer",) if use_momentum else ()
         )
-        layout = self._layout(index, group, params, roles)
-        use_wd = isinstance(group["weight_decay"], Tensor) or group["weight_decay"] != 0
-        maximize = bool(group["maximize"])
+        layout = self._layout(index, params, roles, options)
+        # AMP: torch.amp.GradScaler sets these tensors because _step_supports_amp_scaling.
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        flags = {
+            "centered": centered,
+            "maximize": bool(group["maximize"]),
+            "momentum": use_momentum,
+            "weight_decay": isinstance(group["weight_decay"], Tensor) or group["weight_decay"] != 0,
+            "eps_in_sqrt": options["eps_in_sqrt"],
+            "lr_in_momentum": options["lr_in_momentum"],
+            "decoupled_weight_decay": options["decoupled_weight_decay"],
+            "lr_unscaled_decay": not options["lr_scaled_decay"],
+            "nesterov": options["nesterov"],
+            "bias_correction": options["bias_correction"],
+            "loss_scale": isinstance(options["loss_scale"], Tensor) or options["loss_scale"] != 1,
+            "grad_scale": grad_scale is not None,
+            "found_inf": found_inf is not None,
+        }
+        flags = frozenset(name for name, on in flags.items() if on)
+        values = tuple(group[name] for name in _HYPERPARAMETERS[:5]) + (options["loss_scale"],)
 
         for bucket in layout.buckets:
             bucket.steps.add_(1)
-            hyper = self._hyper.get((index, bucket.device))
-            if hyper is None:
-                hyper = self._hyper[(index, bucket.device)] = _HyperTensor(bucket.device)
-            key = StepKey(
-                backend=self._resolve_backend(bucket.device),
-                device_type=bucket.device.type,
-                dtype=bucket.math_dtype,
-                centered=centered,
-                momentum=use_momentum,
-                weight_decay=use_wd,
-                maximize=maximize,
-            )
-            get_bucket_step(key)(*bucket.step_args, hyper.refresh(group))
+            skip = None if found_inf is None else found_inf.to(bucket.device, non_blocking=True)
+            if skip is not None:
+                bucket.steps.sub_(skip.to(bucket.steps.device))
+            if bucket.hyper is None:
+                bucket.hyper = _HyperTensor(bucket.device)
+            step_count = float(bucket.steps[0]) if "bias_correction" in flags else 0.0
+            hyper = bucket.hyper.refresh(values + (step_count,))
+            scale = None if grad_scale is None else grad_scale.to(bucket.device, non_blocking=True)
+            key = StepKey(self._resolve_backend(bucket.device), bucket.device.type, bucket.math_dtype, flags)
+            get_bucket_step(key)(*bucket.step_args, hyper, scale, skip)
 
         if layout.loose:  # params that cannot be views of a flat buffer: plain foreach
-            states = [self.state[p] for p in layout.loose]
-            for st in states:
-                st["step"] += 1
-            rmsprop_step(
-                layout.loose,
-                [p.grad for p in layout.loose],
-                [st["square_avg"] for st in states],
-                [st["grad_avg"] for st in states] if centered else None,
-                [st["momentum_buffer"] for st in states] if use_momentum else None,
-                lr=group["lr"],
-                alpha=group["alpha"],
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                momentum=group["momentum"],
-                centered=centered,
-                maximize=maximize,
-            )
+            self._step_loose(layout.loose, group, options, grad_scale, found_inf)
+
+    def _step_loose(self, params, group, options, grad_scale, found_inf) -> None:
+        states = [self.state[p] for p in params]
+        steps = [st["step"] for st in states]
+        torch._foreach_add_(steps, 1)
+        if found_inf is not None:
+            torch._foreach_sub_(steps, found_inf.to(steps[0].device))
+        rmsprop_step(
+            params,
+            [p.grad for p in params],
+            [st["square_avg"] for st in states],
+            [st["grad_avg"] for st in states] if group["centered"] else None,
+            [st["momentum_buffer"] for st in states] if group["momentum"] > 0 else None,
+            lr=group["lr"],
+            alpha=group["alpha"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            centered=bool(group["centered"]),
+            maximize=bool(group["maximize"]),
+            eps_in_sqrt=options["eps_in_sqrt"],
+            lr_in_momentum=options["lr_in_momentum"],
+            decoupled_weight_decay=options["decoupled_weight_decay"],
+            lr_scaled_decay=options["lr_scaled_decay"],
+            nesterov=options["nesterov"],
+            bias_correction=options["bias_correction"],
+            state_steps=steps,
+            loss_scale=options["loss_scale"],
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+        )
