@@ -212,6 +212,10 @@ def rmsprop_step(
 
     mean_sq = square_avgs
     if bias_correction:
+        # 1 - alpha^t in the params' precision (at least fp32): an integer step tensor
+        # would otherwise be raised in the default dtype.
+        corr_dtype = torch.promote_types(params[0].dtype, torch.float32)
+        steps = [t.to(corr_dtype) if _is_tensor(t) else t for t in steps]
         corrections = [1 - alpha**t for t in steps]
         mean_sq = torch._foreach_div(square_avgs, corrections)
     if centered:
