@@ -308,20 +308,43 @@ class NpuFusedRMSprop(Optimizer):
         return state
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, **kwargs):
         """Perform a single optimization step.
 
         Args:
             closure (Callable, optional): A closure that reevaluates the model and
                 returns the loss.
+            grad_scaler (keyword, optional): passed by GradScalers that follow the legacy
+                ``_step_supports_amp_scaling`` contract (torch_npu's
+                ``torch_npu.npu.amp.GradScaler``): the grads are unscaled through it and
+                an overflowing step is skipped inside the compiled step.
+                ``torch.amp.GradScaler`` instead sets ``grad_scale`` / ``found_inf``.
         """
+        grad_scaler = kwargs.pop("grad_scaler", None)
+        if kwargs:
+            raise TypeError(f"step() got unexpected keyword arguments {sorted(kwargs)}")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for index, group in enumerate(self.param_groups):
-            self._step_group(index, group)
+        if grad_scaler is not None:
+            self._adopt_legacy_scaler(grad_scaler)
+        try:
+            for index, group in enumerate(self.param_groups):
+                self._step_group(index, group)
+        finally:
+            if grad_scaler is not None:
+                del self.found_inf
         return loss
+
+    def _adopt_legacy_scaler(self, scaler) -> None:
+        """The legacy contract: unscale through the scaler (one pass over the grads that
+        also records its inf check, so ``scaler.update()`` works), then skip in the step."""
+        state = scaler._per_optimizer_states[id(self)]
+        if state["stage"].name == "READY":
+            scaler.unscale_(self)
+        found = list(state["found_inf_per_device"].values())
+        self.found_inf = sum(t.to(found[0].device, non_blocking=True) for t in found[1:]) + found[0]
 
     # -- internals -------------------------------------------------------------------
 

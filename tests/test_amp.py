@@ -101,3 +101,53 @@ def test_scaler_step_has_no_host_sync():
         scaler.update()
     with pytest.raises(AssertionError, match="host synchronisation"), forbid_host_sync():
         torch.ones(1).item()  # the guard itself works
+
+
+class LegacyContractScaler(torch.amp.GradScaler):
+    """What torch_npu.npu.amp.GradScaler.step does (torch_npu 2.13.0,
+    npu/amp/grad_scaler.py): for an optimizer with _step_supports_amp_scaling it calls
+    optimizer.step(grad_scaler=self) and leaves unscaling and inf checks to it."""
+
+    def step(self, optimizer, *args, **kwargs):
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            retval = optimizer.step(*args, **dict(kwargs, grad_scaler=self))
+            self._per_optimizer_states[id(optimizer)]["stage"] = type(
+                self._per_optimizer_states[id(optimizer)]["stage"]
+            ).STEPPED
+            return retval
+        return super().step(optimizer, *args, **kwargs)
+
+
+def test_legacy_grad_scaler_contract_matches_torch():
+    po = make_params()
+    pr = clone_params(po)
+    ours = NpuFusedRMSprop(po, **OPTIONS, backend="inductor")
+    ref = torch.optim.RMSprop(pr, **OPTIONS)
+    kw = dict(init_scale=2.0**8, growth_interval=2)
+    so, sr = LegacyContractScaler("cpu", **kw), torch.amp.GradScaler("cpu", **kw)
+    for step in range(8):
+        for params, opt, scaler in ((po, ours, so), (pr, ref, sr)):
+            opt.zero_grad()
+            scaled_backward(params, step, scaler.scale)
+            scaler.step(opt)
+            scaler.update()
+        assert so.get_scale() == sr.get_scale(), step
+    assert not hasattr(ours, "found_inf")
+    assert_same_state(ours, ref, po, pr, **TOLERANCES[torch.float32])
+
+
+def test_torch_grad_scaler_uses_the_new_contract_without_warning():
+    import warnings
+
+    po = make_params()
+    ours = NpuFusedRMSprop(po, backend="eager")
+    scaler = torch.amp.GradScaler("cpu")
+    scaled_backward(po, 0, scaler.scale)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        scaler.step(ours)
+
+
+def test_step_rejects_unknown_keywords():
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        NpuFusedRMSprop(make_params()).step(foo=1)
