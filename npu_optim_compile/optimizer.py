@@ -346,6 +346,41 @@ class NpuFusedRMSprop(Optimizer):
         found = list(state["found_inf_per_device"].values())
         self.found_inf = sum(t.to(found[0].device, non_blocking=True) for t in found[1:]) + found[0]
 
+    # -- torch_npu's tensor-fusion API ----------------------------------------------
+
+    def _layouts_now(self) -> list[GroupLayout]:
+        layouts = (self._prepare_group(i, g) for i, g in enumerate(self.param_groups))
+        return [layout for layout in layouts if layout is not None]
+
+    def get_combined_params(self) -> list[Tensor]:
+        """The flat param buffers, one per (param group, device, dtype) bucket, of the
+        params that have a grad now (torch_npu's ``get_combined_params``; torch_npu
+        combines per dtype across groups). Every such param is a view of one of them."""
+        return [b.param for layout in self._layouts_now() for b in layout.buckets]
+
+    def get_combined_grads(self) -> list[Tensor]:
+        """The flat grad buffers, bucket by bucket (torch_npu's ``get_combined_grads``).
+        Grads that autograd re-allocated are gathered into them first."""
+        return [b.grad for layout in self._layouts_now() for b in layout.buckets]
+
+    @torch.no_grad()
+    def clip_grad_norm_fused_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
+        """Clip the grads of all groups to a total norm of ``max_norm``, in place, on the
+        flat buffers: ``torch.nn.utils.clip_grad_norm_``'s result with one norm and one
+        scale per bucket. Returns the total norm before clipping."""
+        grads = []
+        for layout in self._layouts_now():
+            grads += [b.grad for b in layout.buckets] + [p.grad for p in layout.loose]
+        if not grads:
+            return torch.tensor(0.0)
+        norm_type = float(norm_type)
+        norms = [torch.linalg.vector_norm(g, norm_type) for g in grads]
+        device = norms[0].device
+        total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef)
+        return total
+
     # -- internals -------------------------------------------------------------------
 
     def _layout(self, index: int, params: list[Tensor], roles: tuple, options: dict) -> GroupLayout:
@@ -382,17 +417,23 @@ class NpuFusedRMSprop(Optimizer):
         options["lr_scaled_decay"] = True
         return options
 
-    def _step_group(self, index: int, group: dict) -> None:
+    def _prepare_group(self, index: int, group: dict) -> GroupLayout | None:
+        """Make group ``index``'s buckets current (gathering again what moved)."""
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
+            return None
+        roles = ("square_avg",) + (("grad_avg",) if group["centered"] else ()) + (
+            ("momentum_buffer",) if group["momentum"] > 0 else ()
+        )
+        return self._layout(index, params, roles, self._group_options(group))
+
+    def _step_group(self, index: int, group: dict) -> None:
+        layout = self._prepare_group(index, group)
+        if layout is None:
             return
         options = self._group_options(group)
         centered = bool(group["centered"])
         use_momentum = group["momentum"] > 0
-        roles = ("square_avg",) + (("grad_avg",) if centered else ()) + (
-            ("momentum_buffer",) if use_momentum else ()
-        )
-        layout = self._layout(index, params, roles, options)
         # AMP: torch.amp.GradScaler sets these tensors because _step_supports_amp_scaling.
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
