@@ -15,9 +15,12 @@ no lowering for ``_to_copy`` after its decompositions (:data:`INDUCTOR_EMITTED_O
 Exactness (eager CPU, checked by ``tests/passes/test_lowering.py``):
 
 * one-op lowerings (``add``/``sub`` with ``alpha``, ``mul``, ``div``, ``sqrt``, ...) call
-  the same aten kernel as the foreach slow path: bit-exact in every dtype.  ``alpha`` is
-  kept as ``add.Tensor(a, b, alpha=k)``: the CPU kernel computes ``fma(b, k, a)``, which a
-  ``mul`` then ``add`` does not reproduce (measured: ~2% of fp32 elements differ).
+  the same aten kernel as the foreach slow path: bit-exact per tensor in every dtype.
+  ``alpha`` is kept as ``add.Tensor(a, b, alpha=k)``: the CPU kernel computes
+  ``fma(b, k, a)``, which a ``mul`` then ``add`` does not reproduce (measured: ~2% of fp32
+  elements differ).  Applied to a whole flat buffer instead of its pieces, bf16/fp16
+  ``add``/``sub`` with ``alpha`` and ``rsqrt`` differ by up to one ulp: those CPU kernels
+  round their vector body and their scalar tail differently.
 * composites keep the eager CPU op order: ``addcmul`` is ``s + (v*t1)*t2``, ``addcdiv``
   is ``s + (v*t1)/t2``, ``lerp`` is ``a + w*(b-a)`` if ``|w| < 0.5`` else
   ``b - (b-a)*(1-w)``; bf16/fp16 are computed in fp32 and rounded once, as the kernels'

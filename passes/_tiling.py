@@ -13,7 +13,9 @@ Matched pieces (each needs ``meta["val"]`` on its base, as every AOT graph has):
 
 A list of pieces is a :class:`Tiling` when all pieces come from one (base, dim, sizes),
 their indices are 0, 1, ..., and none is missing.  An elementwise op applied to every piece
-then equals the op applied once to the base, split the same way.
+then equals the op applied once to the base, split the same way (bit for bit wherever the
+kernel computes each element the same way wherever it sits: not quite so for a few bf16/fp16
+CPU kernels, see ``tests/passes/test_lowering.py``).
 """
 
 from __future__ import annotations
@@ -102,6 +104,8 @@ class TilingIndex:
 
     # -- matching -----------------------------------------------------------------------
     def _piece(self, node: Node) -> _Piece | None:
+        if not isinstance(node, Node):
+            return None
         if node in self._virtual:
             return self._virtual[node]
         if node.op != "call_function":

@@ -114,6 +114,20 @@ def test_reshaped_pieces_collapse():
     assert_same(ref, gm, args, exact=False)
 
 
+def test_split_tensor_of_a_2d_base_along_dim_1_collapses():
+    def fn(A, B):
+        xs, ys = A.split(2, dim=1), B.split(2, dim=1)  # split.Tensor: widths 2, 2, 1
+        return torch.cat(torch._foreach_div(torch._foreach_add(xs, ys, alpha=3), 7.0), dim=1)
+
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)]
+    ref, gm = trace(fn, *args), trace(fn, *args)
+    assert aten.split.Tensor in targets(gm)
+    stats = _fused(gm)
+    assert (stats.foreach_fused, stats.cats_collapsed) == (2, 1) and _no_splits_or_cats(gm)
+    assert_same(ref, gm, args)
+
+
 def test_pieces_other_consumers_need_are_materialized_once():
     sizes = [4, 6, 5]
 
