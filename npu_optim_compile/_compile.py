@@ -20,7 +20,9 @@ keys never compete for those entries.
 
 from __future__ import annotations
 
+import copy
 import threading
+import time
 import types
 from collections import Counter
 from collections.abc import Callable
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._dump import GraphDump
 from .functional import rmsprop_step
 
 __all__ = ["BACKENDS", "FLAGS", "StepKey", "get_bucket_step", "compile_counts", "clear_cache"]
@@ -56,6 +59,8 @@ class StepKey:
     device_type: str
     dtype: torch.dtype
     flags: frozenset[str] = frozenset()
+    mode: str = ""  # torchair's CompilerConfig.mode ("" for other backends)
+    dump_dir: str = ""  # graph dumps (see _dump.py); "" when off
 
     def __post_init__(self) -> None:
         unknown = self.flags - FLAGS
@@ -135,10 +140,64 @@ def _counting(key: StepKey, compiler: Callable) -> Callable:
     return backend
 
 
-def _inductor_compiler(gm: torch.fx.GraphModule, example_inputs):
-    from torch._inductor.compile_fx import compile_fx
+def _inductor_compiler(key: StepKey) -> Callable:
+    """inductor with our foreach-fusion pass as ``post_grad_custom_pre_pass``, set per
+    compile (never in the process-wide config); the pass has a ``uuid()``, so inductor's
+    FX graph cache stays on and correct."""
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
-    return compile_fx(gm, example_inputs)
+    from .passes import ForeachFusionPass, fuse_foreach_ops
+
+    def compile_step(gm: torch.fx.GraphModule, example_inputs):
+        fusion = ForeachFusionPass()
+        patches = {"post_grad_custom_pre_pass": fusion}
+        if not key.dump_dir:
+            return compile_fx(gm, example_inputs, config_patches=patches)
+        dump = GraphDump(key.dump_dir, key.name())
+        dump.dynamo_graph(gm)
+
+        def inner(aten_gm, inputs, **kwargs):
+            dump.aten_graphs(aten_gm, lambda graph: fuse_foreach_ops(graph, options=fusion.options))
+            compiled = compile_fx_inner(aten_gm, inputs, **kwargs)
+            dump.inductor_code(getattr(compiled, "source_code", None))
+            return compiled
+
+        start = time.perf_counter()
+        # An AOTAutograd-cache hit would skip the aten graph (and `inner`) altogether;
+        # inductor's FX graph cache stays on: `inner` writes every file on its hits too.
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            compiled = compile_fx(gm, example_inputs, inner_compile=inner, config_patches=patches)
+        dump.finish(backend="inductor", key=key, compile_seconds=round(time.perf_counter() - start, 3))
+        return compiled
+
+    return compile_step
+
+
+def _torchair_compiler(key: StepKey) -> Callable:
+    """torchair with our pass, on a CompilerConfig of our own (``_torchair.py``)."""
+    from ._torchair import make_torchair_backend  # lazy: never at package import
+    from .passes import torchair_foreach_fusion
+
+    def compile_step(gm: torch.fx.GraphModule, example_inputs):
+        if not key.dump_dir:
+            backend = make_torchair_backend(mode=key.mode, post_grad_pass=torchair_foreach_fusion)
+            return backend(gm, example_inputs)
+        dump = GraphDump(key.dump_dir, key.name())
+        dump.dynamo_graph(gm)
+
+        def dumping_pass(aten_gm, inputs, config):
+            dump.aten_graphs(copy.deepcopy(aten_gm), lambda graph: None)
+            stats = torchair_foreach_fusion(aten_gm, inputs, config)
+            dump.write("aten_after_fusion.py", aten_gm.print_readable(print_output=False))
+            dump.summary.update(foreach_ops_rewritten=stats.foreach_rewritten, ops_after_fusion=stats.ops_after)
+
+        backend = make_torchair_backend(mode=key.mode, post_grad_pass=dumping_pass, dump_dir=dump.path)
+        start = time.perf_counter()
+        compiled = backend(gm, example_inputs)
+        dump.finish(backend=f"torchair ({key.mode})", key=key, compile_seconds=round(time.perf_counter() - start, 3))
+        return compiled
+
+    return compile_step
 
 
 def _build(key: StepKey) -> BucketStep:
@@ -146,11 +205,9 @@ def _build(key: StepKey) -> BucketStep:
     if key.backend == "eager":
         return fn
     if key.backend == "inductor":
-        compiler = _inductor_compiler
+        compiler = _inductor_compiler(key)
     elif key.backend == "torchair":
-        from ._torchair import make_torchair_backend  # lazy: never at package import
-
-        compiler = make_torchair_backend()
+        compiler = _torchair_compiler(key)
     else:
         raise ValueError(f"unknown backend {key.backend!r}; choose one of {BACKENDS}")
     # Callers mark dim 0 of the buffers dynamic (``Bucket.step_args``), so every bucket

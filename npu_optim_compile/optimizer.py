@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -10,6 +11,8 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from ._buckets import GroupLayout
 from ._compile import BACKENDS, StepKey, get_bucket_step
+from ._dump import bucket_context, resolve_dump_dir
+from ._torchair import MODES as NPU_MODES
 from ._npu import require_torchair
 from .functional import check_options, rmsprop_step
 
@@ -120,6 +123,12 @@ class NpuFusedRMSprop(Optimizer):
         backend: ``"auto"`` (inductor on CPU/CUDA, torchair on an Ascend NPU),
             ``"inductor"``, ``"torchair"`` or ``"eager"`` (no compilation: the functional
             step on the flat buffers, for debugging).
+        npu_mode: torchair's mode: ``"max-autotune"`` (default: a GE graph, fused and
+            memory-planned by CANN), ``"npugraph_ex"`` or ``"reduce-overhead"`` (ACL-graph
+            capture and replay of eager NPU kernels; all step inputs are marked static,
+            so a replay copies nothing).
+        dump_dir: write each compiled graph's files there (see ``_dump.py``; also the
+            environment variable ``NPU_OPTIM_COMPILE_DUMP_DIR``).
 
     Variants (keyword-only; the defaults keep torch.optim.RMSprop's exact update, and
     every combination keeps one fused kernel per bucket; formulas in
@@ -174,8 +183,14 @@ class NpuFusedRMSprop(Optimizer):
         bias_correction: bool = False,
         loss_scale: float = 1.0,
         backend: str = "auto",
+        npu_mode: str = "max-autotune",
+        dump_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         _validate_hyperparameters(lr, alpha, eps, weight_decay, momentum)
+        if npu_mode not in NPU_MODES:
+            raise ValueError(
+                f"Invalid npu_mode: {npu_mode!r}. Choose one of {', '.join(map(repr, NPU_MODES))}"
+            )
         check_options(
             momentum_buffers=momentum > 0,
             nesterov=nesterov,
@@ -198,6 +213,8 @@ class NpuFusedRMSprop(Optimizer):
         if backend == "torchair":  # fail now, saying what is missing, not at the first step
             require_torchair("NpuFusedRMSprop(backend='torchair')")
         self.backend = backend
+        self.npu_mode = npu_mode
+        self.dump_dir = resolve_dump_dir(dump_dir)
         self._layouts: dict[int, GroupLayout] = {}
         # Same keys as torch.optim.RMSprop, so state_dicts load both ways.
         defaults = dict(
@@ -295,6 +312,8 @@ class NpuFusedRMSprop(Optimizer):
         # the old buffers.
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
+        self.__dict__.setdefault("npu_mode", "max-autotune")
+        self.__dict__.setdefault("dump_dir", "")
         self.__dict__.setdefault("_layouts", {})
         for layout in self._layouts.values():
             layout.stale = True
@@ -304,7 +323,7 @@ class NpuFusedRMSprop(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state["backend"] = self.backend
+        state.update(backend=self.backend, npu_mode=self.npu_mode, dump_dir=self.dump_dir)
         return state
 
     @torch.no_grad()
@@ -351,6 +370,21 @@ class NpuFusedRMSprop(Optimizer):
     def _layouts_now(self) -> list[GroupLayout]:
         layouts = (self._prepare_group(i, g) for i, g in enumerate(self.param_groups))
         return [layout for layout in layouts if layout is not None]
+
+    def describe_buckets(self) -> list[dict[str, Any]]:
+        """One entry per bucket of the last step: group, device, dtype, tensors, elements."""
+        return [
+            {
+                "group": index,
+                "device": str(b.device),
+                "dtype": str(b.param.dtype).removeprefix("torch."),
+                "tensors": len(b.params),
+                "elements": b.param.numel(),
+                "state": list(b.state),
+            }
+            for index, layout in sorted(self._layouts.items())
+            for b in layout.buckets
+        ]
 
     def get_combined_params(self) -> list[Tensor]:
         """The flat param buffers, one per (param group, device, dtype) bucket, of the
@@ -465,8 +499,21 @@ class NpuFusedRMSprop(Optimizer):
             step_count = float(bucket.steps[0]) if "bias_correction" in flags else 0.0
             hyper = bucket.hyper.refresh(values + (step_count,))
             scale = None if grad_scale is None else grad_scale.to(bucket.device, non_blocking=True)
-            key = StepKey(self._resolve_backend(bucket.device), bucket.device.type, bucket.math_dtype, flags)
-            get_bucket_step(key)(*bucket.step_args, hyper, scale, skip)
+            backend = self._resolve_backend(bucket.device)
+            key = StepKey(
+                backend,
+                bucket.device.type,
+                bucket.math_dtype,
+                flags,
+                mode=self.npu_mode if backend == "torchair" else "",
+                dump_dir=self.dump_dir,
+            )
+            step = get_bucket_step(key)
+            if self.dump_dir:
+                with bucket_context(self.describe_buckets()):
+                    step(*bucket.step_args, hyper, scale, skip)
+            else:
+                step(*bucket.step_args, hyper, scale, skip)
 
         if layout.loose:  # params that cannot be views of a flat buffer: plain foreach
             self._step_loose(layout.loose, group, options, grad_scale, found_inf)
