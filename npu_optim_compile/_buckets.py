@@ -82,6 +82,8 @@ class Bucket:
     grad_slots: list[Tensor] = field(repr=False)
     #: The hyperparameter tensor the optimizer keeps for this bucket (see optimizer.py).
     hyper: Any = field(default=None, init=False, repr=False)
+    #: The name of the compiled step this bucket ran last (``StepKey.name()``).
+    graph: str = field(default="", init=False, repr=False)
     #: What the bucket step receives: the param, grad, square_avg, grad_avg and
     #: momentum_buffer buffers as real tensors (None for roles not in use), built once.
     step_args: list[Tensor | None] = field(init=False, repr=False)

@@ -381,6 +381,7 @@ class NpuFusedRMSprop(Optimizer):
                 "tensors": len(b.params),
                 "elements": b.param.numel(),
                 "state": list(b.state),
+                "graph": b.graph,
             }
             for index, layout in sorted(self._layouts.items())
             for b in layout.buckets
@@ -509,6 +510,7 @@ class NpuFusedRMSprop(Optimizer):
                 dump_dir=self.dump_dir,
             )
             step = get_bucket_step(key)
+            bucket.graph = key.name()
             if self.dump_dir:
                 with bucket_context(self.describe_buckets()):
                     step(*bucket.step_args, hyper, scale, skip)
