@@ -317,8 +317,11 @@ class NpuFusedRMSprop(Optimizer):
         self.__dict__.setdefault("_layouts", {})
         for layout in self._layouts.values():
             layout.stale = True
+        # A loaded group keeps only the keys it was saved with (torch's format has none
+        # of our variants): fill the rest from this optimizer's construction, so loading
+        # never changes the algorithm.
         for group in self.param_groups:
-            for key, default in (("momentum", 0), ("centered", False), ("maximize", False)):
+            for key, default in self.defaults.items():
                 group.setdefault(key, default)
 
     def __getstate__(self) -> dict[str, Any]:

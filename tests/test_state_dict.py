@@ -119,3 +119,23 @@ def test_loaded_state_is_copied_not_aliased():
     before = sd["state"][0]["square_avg"].clone()
     train(ours, po, 1, start=51)
     assert torch.equal(sd["state"][0]["square_avg"], before)
+
+
+def test_loading_torch_format_keeps_this_optimizers_variant_options():
+    """torch's state_dict has no variant keys; the loading optimizer keeps its own."""
+    from npu_optim_compile import NpuFusedRMSpropTF
+
+    pa = make_params()
+    a = NpuFusedRMSpropTF(pa, momentum=0.5, decoupled_decay=True, weight_decay=0.1, backend="eager")
+    train(a, pa, 4)
+    saved = roundtrip(a.state_dict())
+    for group in saved["param_groups"]:  # what a torch.optim.RMSprop checkpoint looks like
+        for key in ("eps_in_sqrt", "initial_square_avg", "lr_in_momentum", "decoupled_weight_decay"):
+            group.pop(key, None)
+    pb = clone_params(pa)
+    b = NpuFusedRMSpropTF(pb, momentum=0.5, decoupled_decay=True, weight_decay=0.1, backend="eager")
+    b.load_state_dict(saved)
+    assert b.param_groups[0]["eps_in_sqrt"] is True and b.param_groups[0]["lr_in_momentum"] is True
+    train(a, pa, 3, start=4)
+    train(b, pb, 3, start=4)
+    assert_same_state(b, a, pb, pa, rtol=0, atol=0)
