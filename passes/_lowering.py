@@ -25,9 +25,11 @@ Exactness (eager CPU, checked by ``tests/passes/test_lowering.py``):
   is ``s + (v*t1)/t2``, ``lerp`` is ``a + w*(b-a)`` if ``|w| < 0.5`` else
   ``b - (b-a)*(1-w)``; bf16/fp16 are computed in fp32 and rounded once, as the kernels'
   opmath does.  ``addcdiv`` is bit-exact.  ``addcmul`` and ``lerp`` are only allclose in
-  fp32/fp64 (and ``lerp`` with ``|w| >= 0.5`` in bf16/fp16): the vectorised CPU kernels use
-  a fused multiply-add (one rounding), which separate ``mul``/``add`` ops cannot express.
-  Inductor's own lowering of these ops does not use FMA on the CPU either.
+  fp32/fp64 (and fp16): the vectorised CPU kernels use a fused multiply-add (one
+  rounding), which separate ``mul``/``add`` ops cannot express.
+* for ``target="inductor"`` ``addcmul``/``addcdiv`` follow inductor's own lowering of the
+  foreach op instead, ``s + v*(t1 op t2)``, so a graph compiled with the pass computes what
+  inductor computes without it (bit for bit on the CPU: ``tests/passes/test_inductor.py``).
 """
 
 from __future__ import annotations
@@ -308,16 +310,23 @@ def _pow(e: Emitter, a: Node, exponent: Any) -> Node:
     return e.call(aten.pow.Tensor_Scalar, a, exponent)
 
 
+def _scaled_product(e: Emitter, t1: Node, t2: Node, value: Any, op: torch._ops.OpOverload) -> Node:
+    """``(value*t1) op t2``, eager CPU's order; ``value*(t1 op t2)``, inductor's lowering's."""
+    if value == 1:
+        return e.call(op, t1, t2)
+    if e.target == "inductor":
+        return e.call(aten.mul.Tensor, e.call(op, t1, t2), value)
+    return e.call(op, e.call(aten.mul.Tensor, t1, value), t2)
+
+
 def _addcmul(e: Emitter, s: Node, t1: Node, t2: Node, value: Any = 1) -> Node:
     (s, t1, t2), back = _opmath(e, (s, t1, t2))
-    scaled = t1 if value == 1 else e.call(aten.mul.Tensor, t1, value)
-    return back(e.call(aten.add.Tensor, s, e.call(aten.mul.Tensor, scaled, t2)))
+    return back(e.call(aten.add.Tensor, s, _scaled_product(e, t1, t2, value, aten.mul.Tensor)))
 
 
 def _addcdiv(e: Emitter, s: Node, t1: Node, t2: Node, value: Any = 1) -> Node:
     (s, t1, t2), back = _opmath(e, (s, t1, t2))
-    scaled = t1 if value == 1 else e.call(aten.mul.Tensor, t1, value)
-    return back(e.call(aten.add.Tensor, s, e.call(aten.div.Tensor, scaled, t2)))
+    return back(e.call(aten.add.Tensor, s, _scaled_product(e, t1, t2, value, aten.div.Tensor)))
 
 
 def _lerp(e: Emitter, a: Node, b: Node, weight: Any) -> Node:

@@ -71,3 +71,25 @@ def test_uuid_is_stable_and_keyed_on_options():
     torchair_options = ForeachFusionPass(FusionOptions(target="torchair"))
     assert torchair_options.options.target == "inductor" and torchair_options.uuid() == a.uuid()
 
+
+
+def test_composites_compile_bit_for_bit_as_without_the_pass():
+    g = torch.Generator().manual_seed(0)
+    s, t1 = torch.randn(1003, generator=g), torch.randn(1003, generator=g)
+    t2 = torch.rand(1003, generator=g) + 0.5
+
+    def fn(s, t1, t2):  # one-tensor lists, as the optimizer's flat buffers give
+        return (
+            torch._foreach_addcmul([s], [t1], [t2], value=0.0100000009)[0],
+            torch._foreach_addcdiv([s], [t1], [t2], value=-0.37)[0],
+            torch._foreach_lerp([s], [t1], 0.3)[0],
+            torch._foreach_lerp([s], [t1], 0.8)[0],
+        )
+
+    fusion = ForeachFusionPass()
+    with_pass, _ = _compile_and_run(fn, [s, t1, t2], fusion)
+    without, _ = _compile_and_run(fn, [s, t1, t2], None)
+    (stats,) = fusion.history  # inductor decomposes foreach lerp into several foreach ops
+    assert stats.foreach_after == 0 and stats.foreach_lowered >= 4
+    for a, b in zip(with_pass, without):
+        assert torch.equal(a, b)
