@@ -129,7 +129,10 @@ class Bucket:
 
         flat_param, flat_grad = new_flat(), new_flat()
         flat_state = {role: new_flat() for role in roles}
-        steps = torch.empty(len(params), dtype=_get_scalar_dtype())
+        # Step counts: on the CPU as torch keeps them; on an accelerator, on the device,
+        # so that an AMP skip (a device tensor) updates them without a synchronisation.
+        steps_device = first.device if first.device.type != "cpu" else torch.device("cpu")
+        steps = torch.empty(len(params), dtype=_get_scalar_dtype(), device=steps_device)
         grad_slots = []
         with torch.no_grad():
             for i, (p, off) in enumerate(zip(params, offsets)):
@@ -179,6 +182,36 @@ def _bucket_key(p: Tensor) -> tuple:
     return (p.device, p.dtype)
 
 
+def _storage_users(t: Tensor) -> int:
+    """Tensors holding ``t``'s storage besides the handle made to ask (0 if unknown)."""
+    try:
+        return torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 1
+    except (AttributeError, RuntimeError):  # private API: without it, rely on the size check
+        return 0
+
+
+def _can_flatten(p: Tensor, old: GroupLayout | None, shared: set[int]) -> bool:
+    """Whether ``p`` may be re-pointed into a flat buffer.
+
+    Not when it shares its storage with anything else (re-pointing would untie it
+    silently: tied views, FSDP1's flat parameter, two params on one memory, a tensor the
+    user kept), when its grad has another dtype (torch's ``grad_dtype``), or when it is
+    not dense. A param that already lives in our buffers is ours to move. A false
+    "shared" (e.g. a graph kept alive with retain_graph) only costs speed: the param is
+    then updated with the per-tensor step.
+    """
+    if p.numel() == 0 or not is_non_overlapping_and_dense(p) or p.grad.dtype != p.dtype:
+        return False
+    if old is not None and any(bucket.owns(p) for bucket in old.buckets):
+        return True
+    storage = p.untyped_storage()
+    return (
+        storage.data_ptr() not in shared
+        and storage.nbytes() == p.numel() * p.element_size()
+        and _storage_users(p) <= 1
+    )
+
+
 @dataclass
 class GroupLayout:
     """The buckets of one param group and what they expect to find at the next step."""
@@ -190,6 +223,7 @@ class GroupLayout:
     buckets: list[Bucket]
     loose: list[Tensor]  # params that cannot be viewed into a flat buffer
     stale: bool = False  # set by load_state_dict: the state tensors were replaced
+    state_version: int = -1  # optimizer.state's version right after this layout was built
 
     @staticmethod
     def build(
@@ -211,8 +245,10 @@ class GroupLayout:
             init_state(states[p], p, roles, initial_square_avg)
         parts: dict[tuple, list[Tensor]] = {}
         loose = []
+        storages = [p.untyped_storage().data_ptr() for p in params if p.numel()]
+        shared = {ptr for ptr in storages if storages.count(ptr) > 1}
         for p in params:
-            if is_non_overlapping_and_dense(p) and p.numel() > 0:
+            if _can_flatten(p, old, shared):
                 key = _bucket_key(p) + ((float(states[p]["step"]),) if split_by_step else ())
                 parts.setdefault(key, []).append(p)
             else:
@@ -234,17 +270,23 @@ class GroupLayout:
         """Whether the same params still live where this layout put them."""
         return tuple(map(id, params)) == self.param_ids and _ptrs(params) == self.param_ptrs
 
-    def sync_grads(self, params: list[Tensor]) -> None:
-        """Bring grads that autograd allocated anew back into the flat grad buffers."""
+    def sync_grads(self, params: list[Tensor]) -> bool:
+        """Bring grads that autograd allocated anew back into the flat grad buffers.
+
+        Returns False when that is not possible (a grad of another dtype): the caller
+        gathers again.
+        """
         grads = [p.grad for p in params]
         if _ptrs(grads) == self.grad_ptrs:
-            return
+            return True
         for b in self.buckets:
-            moved_slots, moved_grads = [], []
-            for p, slot in zip(b.params, b.grad_slots):
-                if p.grad.data_ptr() != slot.data_ptr():
-                    moved_slots.append(slot)
-                    moved_grads.append(p.grad)
-                    p.grad = slot
-            if moved_slots:
-                torch._foreach_copy_(moved_slots, moved_grads)
+            moved = [(p, slot) for p, slot in zip(b.params, b.grad_slots) if p.grad.data_ptr() != slot.data_ptr()]
+            if any(p.grad.dtype != slot.dtype for p, slot in moved):
+                return False
+            # A moved grad may itself live in a slot that this copy overwrites.
+            sources = [p.grad.clone() if b.owns(p.grad) else p.grad for p, _ in moved]
+            for p, slot in moved:
+                p.grad = slot
+            if moved:
+                torch._foreach_copy_([slot for _, slot in moved], sources)
+        return True

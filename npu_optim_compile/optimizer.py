@@ -7,13 +7,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer, ParamsT
+from torch.optim.optimizer import Optimizer, ParamsT, _get_scalar_dtype
 
 from ._buckets import GroupLayout
 from ._compile import BACKENDS, StepKey, get_bucket_step
 from ._dump import bucket_context, resolve_dump_dir
 from ._torchair import MODES as NPU_MODES
 from ._npu import require_torchair
+from ._state import TrackedState, track
 from .functional import check_options, rmsprop_step
 
 __all__ = ["NpuFusedRMSprop"]
@@ -231,6 +232,7 @@ class NpuFusedRMSprop(Optimizer):
         )
         defaults.update({k: v for k, v in variants.items() if v != VARIANT_DEFAULTS[k]})
         super().__init__(params, defaults)
+        self.state = track(self.state)
 
     @classmethod
     def from_mindspore(
@@ -315,8 +317,12 @@ class NpuFusedRMSprop(Optimizer):
         self.__dict__.setdefault("npu_mode", "max-autotune")
         self.__dict__.setdefault("dump_dir", "")
         self.__dict__.setdefault("_layouts", {})
+        self.state = track(self.state)
         for layout in self._layouts.values():
             layout.stale = True
+        for state in self.state.values():  # old checkpoints: a float step, as torch upgrades
+            if "step" in state and not torch.is_tensor(state["step"]):
+                state["step"] = torch.tensor(float(state["step"]), dtype=_get_scalar_dtype())
         # A loaded group keeps only the keys it was saved with (torch's format has none
         # of our variants): fill the rest from this optimizer's construction, so loading
         # never changes the algorithm.
@@ -328,6 +334,13 @@ class NpuFusedRMSprop(Optimizer):
         state = super().__getstate__()
         state.update(backend=self.backend, npu_mode=self.npu_mode, dump_dir=self.dump_dir)
         return state
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim.RMSprop's format, with plain dicts (loadable with
+        ``torch.load(weights_only=True)``)."""
+        state_dict = super().state_dict()
+        state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
+        return state_dict
 
     @torch.no_grad()
     def step(self, closure=None, **kwargs):
@@ -356,15 +369,23 @@ class NpuFusedRMSprop(Optimizer):
                 self._step_group(index, group)
         finally:
             if grad_scaler is not None:
-                del self.found_inf
+                self.__dict__.pop("found_inf", None)
+                self.__dict__.pop("grad_scale", None)
         return loss
 
     def _adopt_legacy_scaler(self, scaler) -> None:
-        """The legacy contract: unscale through the scaler (one pass over the grads that
-        also records its inf check, so ``scaler.update()`` works), then skip in the step."""
+        """The legacy contract, done as the current one: the scaler checks the grads for
+        inf/NaN (which records what ``scaler.update()`` reads) and the unscale and the skip
+        happen inside the compiled step. fp16 grads are fine here (``unscale_`` refuses
+        them for non-fused optimizers)."""
         state = scaler._per_optimizer_states[id(self)]
         if state["stage"].name == "READY":
-            scaler.unscale_(self)
+            check = getattr(scaler, "_check_inf_per_device", None)
+            if check is not None:
+                check(self)
+                self.grad_scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else scaler._scale
+            else:  # a scaler without the check: let it unscale the grads itself
+                scaler.unscale_(self)
         found = list(state["found_inf_per_device"].values())
         self.found_inf = sum(t.to(found[0].device, non_blocking=True) for t in found[1:]) + found[0]
 
@@ -423,15 +444,23 @@ class NpuFusedRMSprop(Optimizer):
 
     def _layout(self, index: int, params: list[Tensor], roles: tuple, options: dict) -> GroupLayout:
         layout = self._layouts.get(index)
-        if layout is not None and not layout.stale and layout.roles == roles and layout.matches(params):
+        if (
+            layout is not None
+            and not layout.stale
+            and layout.roles == roles
+            and isinstance(self.state, TrackedState)
+            and self.state.version == layout.state_version
+            and layout.matches(params)
+        ):
             try:
-                layout.sync_grads(params)
-                return layout
+                if layout.sync_grads(params):
+                    return layout
             except RuntimeError:  # a grad without storage (sparse): checked below
                 pass
         for p in params:
             if p.grad.is_sparse:
                 raise RuntimeError("NpuFusedRMSprop does not support sparse gradients")
+        self.state = track(self.state)  # replaced by the user (opt.state = ...)?
         layout = GroupLayout.build(
             params,
             self.state,
@@ -441,6 +470,10 @@ class NpuFusedRMSprop(Optimizer):
             split_by_step=options["bias_correction"],
         )
         self._layouts[index] = layout
+        # Building changed the state (views, new entries): other groups' layouts are
+        # still valid, so every layout records the version as of now.
+        for other in self._layouts.values():
+            other.state_version = self.state.version
         return layout
 
     def _resolve_backend(self, device: torch.device) -> str:
@@ -497,11 +530,12 @@ class NpuFusedRMSprop(Optimizer):
             bucket.steps.add_(1)
             skip = None if found_inf is None else found_inf.to(bucket.device, non_blocking=True)
             if skip is not None:
-                bucket.steps.sub_(skip.to(bucket.steps.device))
+                bucket.steps.sub_(skip)
             if bucket.hyper is None:
                 bucket.hyper = _HyperTensor(bucket.device)
-            step_count = float(bucket.steps[0]) if "bias_correction" in flags else 0.0
-            hyper = bucket.hyper.refresh(values + (step_count,))
+            hyper = bucket.hyper.refresh(values + (0.0,))
+            if "bias_correction" in flags:  # the bucket's step count, copied on the device
+                hyper[-1].copy_(bucket.steps[0])
             scale = None if grad_scale is None else grad_scale.to(bucket.device, non_blocking=True)
             backend = self._resolve_backend(bucket.device)
             key = StepKey(
@@ -519,9 +553,13 @@ class NpuFusedRMSprop(Optimizer):
                     step(*bucket.step_args, hyper, scale, skip)
             else:
                 step(*bucket.step_args, hyper, scale, skip)
+            # The step wrote to the flat buffer, not through `p`: tell autograd, so a graph
+            # that saved a param before the step still fails on backward, as with torch.
+            torch.autograd.graph.increment_version(bucket.params)
 
         if layout.loose:  # params that cannot be views of a flat buffer: plain foreach
             self._step_loose(layout.loose, group, options, grad_scale, found_inf)
+            torch.autograd.graph.increment_version(layout.loose)
 
     def _step_loose(self, params, group, options, grad_scale, found_inf) -> None:
         states = [self.state[p] for p in params]

@@ -22,6 +22,21 @@ def scaled_backward(params, step, scale_fn):
         params[0].grad.view(-1)[0] = float("inf")
 
 
+class LegacyContractScaler(torch.amp.GradScaler):
+    """What torch_npu.npu.amp.GradScaler.step does (torch_npu 2.13.0,
+    npu/amp/grad_scaler.py): for an optimizer with _step_supports_amp_scaling it calls
+    optimizer.step(grad_scaler=self) and leaves unscaling and inf checks to it."""
+
+    def step(self, optimizer, *args, **kwargs):
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            retval = optimizer.step(*args, **dict(kwargs, grad_scaler=self))
+            self._per_optimizer_states[id(optimizer)]["stage"] = type(
+                self._per_optimizer_states[id(optimizer)]["stage"]
+            ).STEPPED
+            return retval
+        return super().step(optimizer, *args, **kwargs)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("unscale_first", [False, True], ids=["in_step", "user_unscale"])
 def test_grad_scaler_matches_torch(dtype, unscale_first):
@@ -44,14 +59,15 @@ def test_grad_scaler_matches_torch(dtype, unscale_first):
     assert_same_state(ours, ref, po, pr, **TOLERANCES[dtype])
 
 
-def test_fp16_against_grad_scaler_ops_by_hand():
+@pytest.mark.parametrize("scaler_cls", [torch.amp.GradScaler, LegacyContractScaler], ids=["torch", "legacy"])
+def test_fp16_against_grad_scaler_ops_by_hand(scaler_cls):
     """On the CPU, GradScaler refuses to unscale fp16 grads for torch.optim.RMSprop, so the
     reference applies GradScaler's own kernels by hand around a plain torch step."""
     po = make_params(torch.float16)
     pr = clone_params(po)
     ours = NpuFusedRMSprop(po, **OPTIONS, backend="inductor")
     ref = torch.optim.RMSprop(pr, **OPTIONS)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+    scaler = scaler_cls("cpu", init_scale=2.0**8, growth_interval=2)
     scale = torch.full((), 2.0**8)
     tracker = torch.zeros((), dtype=torch.int32)
     for step in range(10):
@@ -101,21 +117,6 @@ def test_scaler_step_has_no_host_sync():
         scaler.update()
     with pytest.raises(AssertionError, match="host synchronisation"), forbid_host_sync():
         torch.ones(1).item()  # the guard itself works
-
-
-class LegacyContractScaler(torch.amp.GradScaler):
-    """What torch_npu.npu.amp.GradScaler.step does (torch_npu 2.13.0,
-    npu/amp/grad_scaler.py): for an optimizer with _step_supports_amp_scaling it calls
-    optimizer.step(grad_scaler=self) and leaves unscaling and inf checks to it."""
-
-    def step(self, optimizer, *args, **kwargs):
-        if getattr(optimizer, "_step_supports_amp_scaling", False):
-            retval = optimizer.step(*args, **dict(kwargs, grad_scaler=self))
-            self._per_optimizer_states[id(optimizer)]["stage"] = type(
-                self._per_optimizer_states[id(optimizer)]["stage"]
-            ).STEPPED
-            return retval
-        return super().step(optimizer, *args, **kwargs)
 
 
 def test_legacy_grad_scaler_contract_matches_torch():

@@ -85,3 +85,54 @@ def test_grads_kept_between_steps_stay_in_the_flat_buffer():
     ours.zero_grad(set_to_none=False)
     assert all(bucket.owns(p.grad) for p in po if p.numel())
     assert torch.count_nonzero(bucket.grad) == 0
+
+
+def test_params_sharing_storage_stay_tied():
+    """Two params on one storage (or a param a kept tensor aliases) are not re-pointed."""
+    base = torch.randn(6)
+    a = torch.nn.Parameter(base.clone())
+    b = torch.nn.Parameter(a.data)  # same storage
+    kept = torch.randn(4)
+    c = torch.nn.Parameter(kept)  # `kept` still aliases it
+    d = torch.nn.Parameter(torch.randn(3))  # owns its storage: flattened
+    opt = NpuFusedRMSprop([a, b, c, d], backend="eager")
+    for step in range(3):
+        for p in (a, b, c, d):
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert a.data_ptr() == b.data_ptr()
+    assert c.data_ptr() == kept.data_ptr()
+    (bucket,) = opt._layouts[0].buckets
+    assert bucket.params == [d]
+
+
+def test_step_bumps_autograd_versions():
+    """A graph that saved a param before the step fails on backward, as with torch."""
+    for make in (lambda p: NpuFusedRMSprop(p, backend="eager"), torch.optim.RMSprop):
+        w = torch.nn.Parameter(torch.randn(3))
+        opt = make([w])
+        w.grad = torch.ones(3)
+        opt.step()
+        loss = (w * w).sum()  # saves w
+        w.grad = torch.ones(3)
+        opt.step()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
+def test_grad_of_another_dtype_is_handled():
+    """torch 2.13's grad_dtype: fp32 grads for bf16 params."""
+    po = [torch.nn.Parameter(torch.randn(4, dtype=torch.bfloat16)) for _ in range(2)]
+    pr = clone_params(po)
+    for p in po + pr:
+        p.grad_dtype = torch.float32
+    ours = NpuFusedRMSprop(po, backend="eager")
+    ref = torch.optim.RMSprop(pr)
+    for step in range(3):
+        for p, q in zip(po, pr):
+            g = torch.randn(4, generator=torch.Generator().manual_seed(step))
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    for p, q in zip(po, pr):
+        torch.testing.assert_close(p, q, **TOLERANCES[torch.bfloat16])

@@ -139,3 +139,49 @@ def test_loading_torch_format_keeps_this_optimizers_variant_options():
     train(a, pa, 3, start=4)
     train(b, pb, 3, start=4)
     assert_same_state(b, a, pb, pa, rtol=0, atol=0)
+
+
+def test_state_changes_after_steps_take_effect():
+    """Replacing, deleting or clearing state entries is seen, as with torch."""
+    po = make_params()
+    pr = clone_params(po)
+    ours = NpuFusedRMSprop(po, **OPTIONS, backend="eager")
+    ref = torch.optim.RMSprop(pr, **OPTIONS)
+    train(ours, po, 3)
+    train(ref, pr, 3)
+    for opt, params in ((ours, po), (ref, pr)):
+        opt.state[params[0]]["momentum_buffer"] = torch.zeros_like(params[0])
+        del opt.state[params[1]]
+    train(ours, po, 2, start=3)
+    train(ref, pr, 2, start=3)
+    assert_same_state(ours, ref, po, pr, **TOL)
+    ours.state.clear()
+    ref.state.clear()
+    train(ours, po, 2, start=5)
+    train(ref, pr, 2, start=5)
+    assert_same_state(ours, ref, po, pr, **TOL)
+
+
+def test_state_dict_has_plain_dicts():
+    po = make_params()
+    ours = NpuFusedRMSprop(po, backend="eager")
+    train(ours, po, 1)
+    assert all(type(v) is dict for v in ours.state_dict()["state"].values())
+
+
+def test_old_checkpoint_with_float_step_loads():
+    """torch upgrades a float step from old checkpoints to a tensor; so do we (a
+    non-contiguous param takes the per-tensor path, where the step is used as a tensor)."""
+    p = torch.nn.Parameter(torch.randn(4, 6)[:, ::2])
+    q = torch.nn.Parameter(p.detach().clone())
+    ours, ref = NpuFusedRMSprop([p], backend="eager"), torch.optim.RMSprop([q])
+    for opt, param in ((ours, p), (ref, q)):
+        param.grad = torch.ones_like(param)
+        opt.step()
+        sd = opt.state_dict()
+        sd["state"][0]["step"] = 1.0  # as saved by an old torch
+        opt.load_state_dict(sd)
+        param.grad = torch.ones_like(param)
+        opt.step()
+    assert float(ours.state[p]["step"]) == float(ref.state[q]["step"]) == 2.0
+    torch.testing.assert_close(p, q)
