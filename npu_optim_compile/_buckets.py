@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
+from ._ownership import is_foreign, register_flat, storage_key
+
 __all__ = ["Bucket", "GroupLayout", "STATE_ROLES"]
 
 #: State buffers, in the order the step receives them.
@@ -41,7 +43,7 @@ def is_non_overlapping_and_dense(t: Tensor) -> bool:
 
 
 def _ptrs(tensors: Iterable[Tensor]) -> tuple[int, ...]:
-    return tuple(map(Tensor.data_ptr, tensors))
+    return tuple(map(storage_key, tensors))
 
 
 def _slot(flat: Tensor, like: Tensor, offset: int) -> Tensor:
@@ -123,7 +125,7 @@ class Bucket:
             offset += p.numel()
 
         def new_flat() -> Tensor:
-            return torch.empty(total, dtype=first.dtype, device=first.device)
+            return register_flat(torch.empty(total, dtype=first.dtype, device=first.device))
 
         flat_param, flat_grad = new_flat(), new_flat()
         flat_state = {role: new_flat() for role in roles}
@@ -137,7 +139,8 @@ class Bucket:
                 p.data = view
                 gslot = _slot(flat_grad, p, off)
                 gslot.copy_(p.grad)
-                p.grad = gslot
+                if not is_foreign(p.grad):  # else copied in before each step (_ownership.py)
+                    p.grad = gslot
                 grad_slots.append(gslot)
                 for role in roles:
                     sview = _slot(flat_state[role], p, off)
@@ -188,6 +191,7 @@ class GroupLayout:
     buckets: list[Bucket]
     loose: list[Tensor]  # params that cannot be viewed into a flat buffer
     stale: bool = False  # set by load_state_dict: the state tensors were replaced
+    copies_grads: bool = False  # some grads are foreign (_ownership.py): copy them each step
 
     @staticmethod
     def build(
@@ -210,7 +214,7 @@ class GroupLayout:
         parts: dict[tuple, list[Tensor]] = {}
         loose = []
         for p in params:
-            if is_non_overlapping_and_dense(p) and p.numel() > 0:
+            if is_non_overlapping_and_dense(p) and p.numel() > 0 and not is_foreign(p):
                 key = _bucket_key(p) + ((float(states[p]["step"]),) if split_by_step else ())
                 parts.setdefault(key, []).append(p)
             else:
@@ -226,6 +230,7 @@ class GroupLayout:
             grad_ptrs=_ptrs(p.grad for p in params),
             buckets=buckets,
             loose=loose,
+            copies_grads=any(p.grad is not s for b in buckets for p, s in zip(b.params, b.grad_slots)),
         )
 
     def matches(self, params: list[Tensor]) -> bool:
@@ -235,7 +240,7 @@ class GroupLayout:
     def sync_grads(self, params: list[Tensor]) -> None:
         """Bring grads that autograd allocated anew back into the flat grad buffers."""
         grads = [p.grad for p in params]
-        if _ptrs(grads) == self.grad_ptrs:
+        if _ptrs(grads) == self.grad_ptrs and not self.copies_grads:
             return
         for b in self.buckets:
             moved_slots, moved_grads = [], []
@@ -243,6 +248,7 @@ class GroupLayout:
                 if p.grad.data_ptr() != slot.data_ptr():
                     moved_slots.append(slot)
                     moved_grads.append(p.grad)
-                    p.grad = slot
+                    if not is_foreign(p.grad):
+                        p.grad = slot
             if moved_slots:
                 torch._foreach_copy_(moved_slots, moved_grads)

@@ -14,6 +14,7 @@ from ._compile import BACKENDS, StepKey, get_bucket_step
 from ._dump import bucket_context, resolve_dump_dir
 from ._torchair import MODES as NPU_MODES
 from ._npu import require_torchair
+from ._ownership import local_tensors
 from .functional import check_options, rmsprop_step
 
 __all__ = ["NpuFusedRMSprop"]
@@ -519,17 +520,34 @@ class NpuFusedRMSprop(Optimizer):
             self._step_loose(layout.loose, group, options, grad_scale, found_inf)
 
     def _step_loose(self, params, group, options, grad_scale, found_inf) -> None:
+        # DTensors (FSDP2) are updated through their local shards; their state stays DTensor.
         states = [self.state[p] for p in params]
-        steps = [st["step"] for st in states]
+        self._step_tensors(
+            group,
+            options,
+            local_tensors(params),
+            local_tensors([p.grad for p in params], like=params),
+            local_tensors([st["square_avg"] for st in states]),
+            local_tensors([st["grad_avg"] for st in states]) if group["centered"] else None,
+            local_tensors([st["momentum_buffer"] for st in states]) if group["momentum"] > 0 else None,
+            [st["step"] for st in states],
+            grad_scale,
+            found_inf,
+        )
+
+    def _step_tensors(
+        self, group, options, params, grads, square_avgs, grad_avgs, momentum_buffers, steps, grad_scale, found_inf
+    ) -> None:
+        """One step over per-tensor lists (the loose path)."""
         torch._foreach_add_(steps, 1)
         if found_inf is not None:
             torch._foreach_sub_(steps, found_inf.to(steps[0].device))
         rmsprop_step(
             params,
-            [p.grad for p in params],
-            [st["square_avg"] for st in states],
-            [st["grad_avg"] for st in states] if group["centered"] else None,
-            [st["momentum_buffer"] for st in states] if group["momentum"] > 0 else None,
+            grads,
+            square_avgs,
+            grad_avgs,
+            momentum_buffers,
             lr=group["lr"],
             alpha=group["alpha"],
             eps=group["eps"],
