@@ -15,6 +15,7 @@ from ._dump import bucket_context, resolve_dump_dir
 from ._torchair import MODES as NPU_MODES
 from ._npu import require_torchair
 from ._ownership import local_tensors
+from ._traced import init_group_for_dynamo, traced_step, traced_zero_grad
 from .functional import check_options, rmsprop_step
 
 __all__ = ["NpuFusedRMSprop"]
@@ -164,6 +165,9 @@ class NpuFusedRMSprop(Optimizer):
     # torch.amp.GradScaler then hands us grad_scale / found_inf tensors instead of
     # unscaling and checking with .item() itself: both happen inside the compiled step.
     _step_supports_amp_scaling = True
+
+    # Run by Dynamo in Python when step() is traced (Note [Dynamo and _init_group]).
+    _init_group = init_group_for_dynamo
 
     def __init__(
         self,
@@ -350,12 +354,23 @@ class NpuFusedRMSprop(Optimizer):
         if grad_scaler is not None:
             self._adopt_legacy_scaler(grad_scaler)
         try:
-            for index, group in enumerate(self.param_groups):
-                self._step_group(index, group)
+            if torch.compiler.is_compiling():  # inside a user's torch.compile: _traced.py
+                traced_step(self)
+            else:
+                for index, group in enumerate(self.param_groups):
+                    self._step_group(index, group)
         finally:
             if grad_scaler is not None:
                 del self.found_inf
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        # Dynamo skips torch.optim.Optimizer.zero_grad (a graph break in a compiled train
+        # step); inside torch.compile run a traceable equivalent instead.
+        if torch.compiler.is_compiling():
+            traced_zero_grad(self, set_to_none)
+        else:
+            super().zero_grad(set_to_none)
 
     def _adopt_legacy_scaler(self, scaler) -> None:
         """The legacy contract: unscale through the scaler (one pass over the grads that
@@ -538,7 +553,8 @@ class NpuFusedRMSprop(Optimizer):
     def _step_tensors(
         self, group, options, params, grads, square_avgs, grad_avgs, momentum_buffers, steps, grad_scale, found_inf
     ) -> None:
-        """One step over per-tensor lists (the loose path)."""
+        """One step over per-tensor lists (the loose path, and the path traced inside a
+        user's ``torch.compile``)."""
         torch._foreach_add_(steps, 1)
         if found_inf is not None:
             torch._foreach_sub_(steps, found_inf.to(steps[0].device))
