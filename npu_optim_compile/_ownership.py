@@ -20,6 +20,9 @@ foreign grad is never re-pointed either: it is copied into the flat grad buffer 
 each step (the copy a gather costs anyway). Tensor subclasses such as DTensor are
 updated through their local tensors (:func:`local_tensors`); their state stays a
 DTensor, like torch.optim.RMSprop's, so distributed checkpoints work.
+
+The per-tensor path is correct but slower than one fused kernel per bucket: with ZeRO,
+``parameters_as_bucket_view=False`` (its default) keeps the params ours to bucket.
 """
 
 from __future__ import annotations

@@ -160,6 +160,18 @@ class NpuFusedRMSprop(Optimizer):
     class sets ``_step_supports_amp_scaling``, the scaler passes its scale and its
     found-inf flag as tensors: the unscale and the skip of an overflowing step happen
     inside the compiled step, with no ``.item()`` synchronisation.
+
+    Distributed: under ``DistributedDataParallel``, ``ZeroRedundancyOptimizer(
+    optimizer_class=NpuFusedRMSprop)`` and FSDP2 (``fully_shard``), storage the engine
+    lays out is never re-pointed (``_ownership.py``): params in ZeRO's buckets and DTensor
+    params are updated in place per tensor (DTensors through their local shards, with
+    DTensor state, as torch.optim.RMSprop keeps it), and grads in DDP's buckets
+    (``gradient_as_bucket_view=True``) are copied into the flat grad buffer.
+
+    Inside a user's ``torch.compile`` (a whole train step; see
+    :func:`~npu_optim_compile.compile_train_step`), ``step()`` and ``zero_grad()`` are
+    traced with no graph break, as per-tensor foreach ops (``_traced.py``); the first
+    trace turns a float ``lr`` into a 0-d tensor, so LR schedulers never recompile.
     """
 
     # torch.amp.GradScaler then hands us grad_scale / found_inf tensors instead of
