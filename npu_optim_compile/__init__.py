@@ -4,6 +4,8 @@
   ``torch_npu.optim.NpuFusedRMSprop`` whose step is one compiled kernel per bucket.
 - :func:`rmsprop_step`: the traceable functional step, the one source of the math.
 - :func:`rmsprop_init` / :func:`rmsprop_update`: a pure, jax-style API over pytrees.
+- :func:`compile_train_step`: ``torch.compile`` of a whole train step with the
+  foreach-fusion pass installed.
 
 Importing this package never imports torch_npu or torchair.
 """
@@ -11,6 +13,7 @@ Importing this package never imports torch_npu or torchair.
 from .functional import rmsprop_step
 from .optimizer import NpuFusedRMSprop
 from .pure import PureRMSprop, RMSpropState, optax_rmsprop, rmsprop_init, rmsprop_update
+from .train_step import compile_train_step
 from .variants import NpuFusedRMSpropTF
 
 __all__ = [
@@ -18,6 +21,7 @@ __all__ = [
     "NpuFusedRMSpropTF",
     "PureRMSprop",
     "RMSpropState",
+    "compile_train_step",
     "optax_rmsprop",
     "rmsprop_init",
     "rmsprop_step",

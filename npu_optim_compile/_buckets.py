@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
+from ._ownership import is_foreign, register_flat, storage_key
+
 __all__ = ["Bucket", "GroupLayout", "STATE_ROLES"]
 
 #: State buffers, in the order the step receives them.
@@ -41,7 +43,7 @@ def is_non_overlapping_and_dense(t: Tensor) -> bool:
 
 
 def _ptrs(tensors: Iterable[Tensor]) -> tuple[int, ...]:
-    return tuple(map(Tensor.data_ptr, tensors))
+    return tuple(map(storage_key, tensors))
 
 
 def _slot(flat: Tensor, like: Tensor, offset: int) -> Tensor:
@@ -125,7 +127,7 @@ class Bucket:
             offset += p.numel()
 
         def new_flat() -> Tensor:
-            return torch.empty(total, dtype=first.dtype, device=first.device)
+            return register_flat(torch.empty(total, dtype=first.dtype, device=first.device))
 
         flat_param, flat_grad = new_flat(), new_flat()
         flat_state = {role: new_flat() for role in roles}
@@ -142,7 +144,8 @@ class Bucket:
                 p.data = view
                 gslot = _slot(flat_grad, p, off)
                 gslot.copy_(p.grad)
-                p.grad = gslot
+                if not is_foreign(p.grad):  # else copied in before each step (_ownership.py)
+                    p.grad = gslot
                 grad_slots.append(gslot)
                 for role in roles:
                     sview = _slot(flat_state[role], p, off)
@@ -182,34 +185,19 @@ def _bucket_key(p: Tensor) -> tuple:
     return (p.device, p.dtype)
 
 
-def _storage_users(t: Tensor) -> int:
-    """Tensors holding ``t``'s storage besides the handle made to ask (0 if unknown)."""
-    try:
-        return torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 1
-    except (AttributeError, RuntimeError):  # private API: without it, rely on the size check
-        return 0
-
-
-def _can_flatten(p: Tensor, old: GroupLayout | None, shared: set[int]) -> bool:
+def _can_flatten(p: Tensor, shared: set[int]) -> bool:
     """Whether ``p`` may be re-pointed into a flat buffer.
 
-    Not when it shares its storage with anything else (re-pointing would untie it
-    silently: tied views, FSDP1's flat parameter, two params on one memory, a tensor the
-    user kept), when its grad has another dtype (torch's ``grad_dtype``), or when it is
-    not dense. A param that already lives in our buffers is ours to move. A false
-    "shared" (e.g. a graph kept alive with retain_graph) only costs speed: the param is
-    then updated with the per-tensor step.
+    Not when its storage belongs to someone else (``_ownership.is_foreign``: ZeRO's
+    buckets, FSDP, tied views, a tensor the user kept) or to another param of the group
+    (re-pointing would untie them silently), when its grad has another dtype (torch's
+    ``grad_dtype``), or when it is not dense. Such params are updated in place with the
+    per-tensor step: correct, only slower. A false "foreign" (e.g. a graph kept alive
+    with retain_graph) costs speed, never correctness.
     """
     if p.numel() == 0 or not is_non_overlapping_and_dense(p) or p.grad.dtype != p.dtype:
         return False
-    if old is not None and any(bucket.owns(p) for bucket in old.buckets):
-        return True
-    storage = p.untyped_storage()
-    return (
-        storage.data_ptr() not in shared
-        and storage.nbytes() == p.numel() * p.element_size()
-        and _storage_users(p) <= 1
-    )
+    return p.untyped_storage().data_ptr() not in shared and not is_foreign(p)
 
 
 @dataclass
@@ -224,6 +212,7 @@ class GroupLayout:
     loose: list[Tensor]  # params that cannot be viewed into a flat buffer
     stale: bool = False  # set by load_state_dict: the state tensors were replaced
     state_version: int = -1  # optimizer.state's version right after this layout was built
+    copies_grads: bool = False  # some grads are foreign (_ownership.py): copy them each step
 
     @staticmethod
     def build(
@@ -248,7 +237,7 @@ class GroupLayout:
         storages = [p.untyped_storage().data_ptr() for p in params if p.numel()]
         shared = {ptr for ptr in storages if storages.count(ptr) > 1}
         for p in params:
-            if _can_flatten(p, old, shared):
+            if _can_flatten(p, shared):
                 key = _bucket_key(p) + ((float(states[p]["step"]),) if split_by_step else ())
                 parts.setdefault(key, []).append(p)
             else:
@@ -264,6 +253,7 @@ class GroupLayout:
             grad_ptrs=_ptrs(p.grad for p in params),
             buckets=buckets,
             loose=loose,
+            copies_grads=any(p.grad is not s for b in buckets for p, s in zip(b.params, b.grad_slots)),
         )
 
     def matches(self, params: list[Tensor]) -> bool:
@@ -277,7 +267,7 @@ class GroupLayout:
         gathers again.
         """
         grads = [p.grad for p in params]
-        if _ptrs(grads) == self.grad_ptrs:
+        if _ptrs(grads) == self.grad_ptrs and not self.copies_grads:
             return True
         for b in self.buckets:
             moved = [(p, slot) for p, slot in zip(b.params, b.grad_slots) if p.grad.data_ptr() != slot.data_ptr()]
@@ -286,7 +276,8 @@ class GroupLayout:
             # A moved grad may itself live in a slot that this copy overwrites.
             sources = [p.grad.clone() if b.owns(p.grad) else p.grad for p, _ in moved]
             for p, slot in moved:
-                p.grad = slot
+                if not is_foreign(p.grad):  # a grad DDP owns stays where DDP put it
+                    p.grad = slot
             if moved:
                 torch._foreach_copy_([slot for _, slot in moved], sources)
         return True

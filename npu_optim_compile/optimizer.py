@@ -14,7 +14,9 @@ from ._compile import BACKENDS, StepKey, get_bucket_step
 from ._dump import bucket_context, resolve_dump_dir
 from ._torchair import MODES as NPU_MODES
 from ._npu import require_torchair
+from ._ownership import local_tensors
 from ._state import TrackedState, track
+from ._traced import init_group_for_dynamo, traced_step, traced_zero_grad
 from .functional import check_options, rmsprop_step
 
 __all__ = ["NpuFusedRMSprop"]
@@ -159,11 +161,26 @@ class NpuFusedRMSprop(Optimizer):
     class sets ``_step_supports_amp_scaling``, the scaler passes its scale and its
     found-inf flag as tensors: the unscale and the skip of an overflowing step happen
     inside the compiled step, with no ``.item()`` synchronisation.
+
+    Distributed: under ``DistributedDataParallel``, ``ZeroRedundancyOptimizer(
+    optimizer_class=NpuFusedRMSprop)`` and FSDP2 (``fully_shard``), storage the engine
+    lays out is never re-pointed (``_ownership.py``): params in ZeRO's buckets and DTensor
+    params are updated in place per tensor (DTensors through their local shards, with
+    DTensor state, as torch.optim.RMSprop keeps it), and grads in DDP's buckets
+    (``gradient_as_bucket_view=True``) are copied into the flat grad buffer.
+
+    Inside a user's ``torch.compile`` (a whole train step; see
+    :func:`~npu_optim_compile.compile_train_step`), ``step()`` and ``zero_grad()`` are
+    traced with no graph break, as per-tensor foreach ops (``_traced.py``); the first
+    trace turns a float ``lr`` into a 0-d tensor, so LR schedulers never recompile.
     """
 
     # torch.amp.GradScaler then hands us grad_scale / found_inf tensors instead of
     # unscaling and checking with .item() itself: both happen inside the compiled step.
     _step_supports_amp_scaling = True
+
+    # Run by Dynamo in Python when step() is traced (Note [Dynamo and _init_group]).
+    _init_group = init_group_for_dynamo
 
     def __init__(
         self,
@@ -365,13 +382,24 @@ class NpuFusedRMSprop(Optimizer):
         if grad_scaler is not None:
             self._adopt_legacy_scaler(grad_scaler)
         try:
-            for index, group in enumerate(self.param_groups):
-                self._step_group(index, group)
+            if torch.compiler.is_compiling():  # inside a user's torch.compile: _traced.py
+                traced_step(self)
+            else:
+                for index, group in enumerate(self.param_groups):
+                    self._step_group(index, group)
         finally:
             if grad_scaler is not None:
                 self.__dict__.pop("found_inf", None)
                 self.__dict__.pop("grad_scale", None)
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        # Dynamo skips torch.optim.Optimizer.zero_grad (a graph break in a compiled train
+        # step); inside torch.compile run a traceable equivalent instead.
+        if torch.compiler.is_compiling():
+            traced_zero_grad(self, set_to_none)
+        else:
+            super().zero_grad(set_to_none)
 
     def _adopt_legacy_scaler(self, scaler) -> None:
         """The legacy contract, done as the current one: the scaler checks the grads for
@@ -562,17 +590,35 @@ class NpuFusedRMSprop(Optimizer):
             torch.autograd.graph.increment_version(layout.loose)
 
     def _step_loose(self, params, group, options, grad_scale, found_inf) -> None:
+        # DTensors (FSDP2) are updated through their local shards; their state stays DTensor.
         states = [self.state[p] for p in params]
-        steps = [st["step"] for st in states]
+        self._step_tensors(
+            group,
+            options,
+            local_tensors(params),
+            local_tensors([p.grad for p in params], like=params),
+            local_tensors([st["square_avg"] for st in states]),
+            local_tensors([st["grad_avg"] for st in states]) if group["centered"] else None,
+            local_tensors([st["momentum_buffer"] for st in states]) if group["momentum"] > 0 else None,
+            [st["step"] for st in states],
+            grad_scale,
+            found_inf,
+        )
+
+    def _step_tensors(
+        self, group, options, params, grads, square_avgs, grad_avgs, momentum_buffers, steps, grad_scale, found_inf
+    ) -> None:
+        """One step over per-tensor lists (the loose path, and the path traced inside a
+        user's ``torch.compile``)."""
         torch._foreach_add_(steps, 1)
         if found_inf is not None:
             torch._foreach_sub_(steps, found_inf.to(steps[0].device))
         rmsprop_step(
             params,
-            [p.grad for p in params],
-            [st["square_avg"] for st in states],
-            [st["grad_avg"] for st in states] if group["centered"] else None,
-            [st["momentum_buffer"] for st in states] if group["momentum"] > 0 else None,
+            grads,
+            square_avgs,
+            grad_avgs,
+            momentum_buffers,
             lr=group["lr"],
             alpha=group["alpha"],
             eps=group["eps"],
