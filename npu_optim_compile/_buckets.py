@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from ._ownership import is_foreign, register_flat, storage_key
+from ._ownership import is_foreign, is_ours, register_flat, storage_key
 
 __all__ = ["Bucket", "GroupLayout", "STATE_ROLES"]
 
@@ -195,9 +195,9 @@ def _can_flatten(p: Tensor, shared: set[int]) -> bool:
     per-tensor step: correct, only slower. A false "foreign" (e.g. a graph kept alive
     with retain_graph) costs speed, never correctness.
     """
-    if p.numel() == 0 or not is_non_overlapping_and_dense(p) or p.grad.dtype != p.dtype:
+    if p.numel() == 0 or is_foreign(p) or not is_non_overlapping_and_dense(p) or p.grad.dtype != p.dtype:
         return False
-    return p.untyped_storage().data_ptr() not in shared and not is_foreign(p)
+    return p.untyped_storage().data_ptr() not in shared
 
 
 @dataclass
@@ -234,7 +234,8 @@ class GroupLayout:
             init_state(states[p], p, roles, initial_square_avg)
         parts: dict[tuple, list[Tensor]] = {}
         loose = []
-        storages = [p.untyped_storage().data_ptr() for p in params if p.numel()]
+        # Params of the group on one storage (other than our own buffers) stay apart.
+        storages = [p.untyped_storage().data_ptr() for p in params if p.numel() and not is_foreign(p) and not is_ours(p)]
         shared = {ptr for ptr in storages if storages.count(ptr) > 1}
         for p in params:
             if _can_flatten(p, shared):

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-__all__ = ["is_foreign", "local_tensors", "register_flat", "storage_key"]
+__all__ = ["is_foreign", "is_ours", "local_tensors", "register_flat", "storage_key"]
 
 #: The storages of the flat buffers the optimizers of this process allocated. A storage's
 #: Python object lives as long as any tensor uses it, so a flat buffer stays known while
@@ -46,6 +46,11 @@ def register_flat(flat: Tensor) -> Tensor:
     """Record ``flat`` as one of our flat buffers; return it."""
     _flat_storages.add(flat.untyped_storage())
     return flat
+
+
+def is_ours(t: Tensor) -> bool:
+    """Whether ``t`` lives in one of our flat buffers."""
+    return t.layout == torch.strided and not is_traceable_wrapper_subclass(t) and t.untyped_storage() in _flat_storages
 
 
 def is_foreign(t: Tensor) -> bool:
