@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+import operator
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ._ownership import is_foreign, is_ours, register_flat, storage_key
 
@@ -213,6 +215,10 @@ class GroupLayout:
     stale: bool = False  # set by load_state_dict: the state tensors were replaced
     state_version: int = -1  # optimizer.state's version right after this layout was built
     copies_grads: bool = False  # some grads are foreign (_ownership.py): copy them each step
+    # What the whole group looked like after the last check (see ``unchanged``).
+    _seen_grads: list = field(default_factory=list, repr=False)
+    _seen_ptrs: tuple = field(default=(), repr=False)
+    _seen_version: int = -2
 
     @staticmethod
     def build(
@@ -255,6 +261,26 @@ class GroupLayout:
             buckets=buckets,
             loose=loose,
             copies_grads=any(p.grad is not s for b in buckets for p, s in zip(b.params, b.grad_slots)),
+        )
+
+    def remember(self, state: Any, group_params: list[Tensor]) -> None:
+        """Record the group as it is now (after gathering or syncing its grads)."""
+        if self.copies_grads or any(is_traceable_wrapper_subclass(p) for p in group_params):
+            self._seen_version = -2  # always take the full check
+            return
+        self._seen_grads = [p.grad for p in group_params]
+        self._seen_ptrs = tuple(map(Tensor.data_ptr, group_params))
+        self._seen_version = getattr(state, "version", -2)
+
+    def unchanged(self, state: Any, roles: tuple, group_params: list[Tensor], grads: list) -> bool:
+        """The fast check: same state version, roles, grad objects and param pointers."""
+        return (
+            not self.stale
+            and roles == self.roles
+            and getattr(state, "version", -1) == self._seen_version
+            and len(grads) == len(self._seen_grads)
+            and all(map(operator.is_, grads, self._seen_grads))
+            and tuple(map(Tensor.data_ptr, group_params)) == self._seen_ptrs
         )
 
     def matches(self, params: list[Tensor]) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import os
 from typing import Any
 
@@ -23,6 +24,8 @@ __all__ = ["NpuFusedRMSprop"]
 
 #: The values the compiled step reads at run time, in the order of its hyper tensor.
 _HYPERPARAMETERS = ("lr", "alpha", "eps", "weight_decay", "momentum", "loss_scale")
+
+_GRAD = operator.attrgetter("grad")
 
 #: Options beyond torch.optim.RMSprop's, with the defaults that keep its exact update.
 #: They enter a param group only when not at their default, so a default optimizer's
@@ -517,14 +520,27 @@ class NpuFusedRMSprop(Optimizer):
         return options
 
     def _prepare_group(self, index: int, group: dict) -> GroupLayout | None:
-        """Make group ``index``'s buckets current (gathering again what moved)."""
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return None
+        """Make group ``index``'s buckets current (gathering again what moved).
+
+        The common case costs three C-level passes over the group: every param still
+        has the very grad object it had after the last step (our flat-buffer view, or
+        None), every param still lives where it did, and ``optimizer.state`` is
+        unchanged. Anything else takes the full check, which re-gathers what moved.
+        """
+        gparams = group["params"]
+        grads = list(map(_GRAD, gparams))
         roles = ("square_avg",) + (("grad_avg",) if group["centered"] else ()) + (
             ("momentum_buffer",) if group["momentum"] > 0 else ()
         )
-        return self._layout(index, params, roles, self._group_options(group))
+        layout = self._layouts.get(index)
+        if layout is not None and layout.unchanged(self.state, roles, gparams, grads):
+            return layout
+        params = [p for p, g in zip(gparams, grads) if g is not None]
+        if not params:
+            return None
+        layout = self._layout(index, params, roles, self._group_options(group))
+        layout.remember(self.state, gparams)
+        return layout
 
     def _step_group(self, index: int, group: dict) -> None:
         layout = self._prepare_group(index, group)
