@@ -136,3 +136,25 @@ def test_grad_of_another_dtype_is_handled():
         ref.step()
     for p, q in zip(po, pr):
         torch.testing.assert_close(p, q, **TOLERANCES[torch.bfloat16])
+
+
+def test_param_data_replaced_while_grads_are_kept():
+    """The fast path: grads stay in our buffer (set_to_none=False, backward accumulates
+    into them), and p.data is replaced between steps."""
+    torch.manual_seed(0)
+    mo = torch.nn.Linear(4, 3)
+    mr = torch.nn.Linear(4, 3)
+    mr.load_state_dict(mo.state_dict())
+    ours = NpuFusedRMSprop(mo.parameters(), momentum=0.5, backend="eager")
+    ref = torch.optim.RMSprop(mr.parameters(), momentum=0.5)
+    x = torch.randn(8, 4)
+    for step in range(6):
+        if step == 3:
+            new = torch.randn(3, 4)
+            mo.weight.data = new.clone()
+            mr.weight.data = new.clone()
+        for m, opt in ((mo, ours), (mr, ref)):
+            opt.zero_grad(set_to_none=False)
+            m(x).square().sum().backward()
+            opt.step()
+    assert_same_state(ours, ref, list(mo.parameters()), list(mr.parameters()), **TOL)

@@ -185,3 +185,21 @@ def test_old_checkpoint_with_float_step_loads():
         opt.step()
     assert float(ours.state[p]["step"]) == float(ref.state[q]["step"]) == 2.0
     torch.testing.assert_close(p, q)
+
+
+def test_state_replaced_while_grads_are_kept():
+    """The fast path (grads kept in our buffer) also sees a replaced state entry."""
+    torch.manual_seed(0)
+    mo, mr = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    mr.load_state_dict(mo.state_dict())
+    ours = NpuFusedRMSprop(mo.parameters(), momentum=0.5, backend="eager")
+    ref = torch.optim.RMSprop(mr.parameters(), momentum=0.5)
+    x = torch.randn(8, 4)
+    for step in range(6):
+        for m, opt in ((mo, ours), (mr, ref)):
+            if step == 3:
+                opt.state[m.weight]["momentum_buffer"] = torch.zeros_like(m.weight)
+            opt.zero_grad(set_to_none=False)
+            m(x).square().sum().backward()
+            opt.step()
+    assert_same_state(ours, ref, list(mo.parameters()), list(mr.parameters()), **TOL)
