@@ -892,7 +892,7 @@ def plot(data: dict, path: Path) -> None:
     ax.set_ylabel("step time, ms (bars: median; dashes: fastest step; log scale)")
     mi = data["machine"]
     ax.set_title(f"RMSprop step, {mi['device']}: {mi['cpu_model'] if mi['device'] == 'cpu' else mi.get('gpu')}, "
-                 f"{mi['cpu_count']} cores, torch {mi['torch']}, {mi['date'][:10]}")
+                 f"{mi['cpu_count']} cores, {mi['torch_threads']} threads, torch {mi['torch']}, {mi['date'][:10]}")
     ax.legend(fontsize=8, ncol=2)
     ax.grid(axis="y", which="both", alpha=0.3)
 
