@@ -10,11 +10,15 @@ Importing this package never imports torch_npu or torchair.
 
 from .functional import rmsprop_step
 from .optimizer import NpuFusedRMSprop
-from .pure import RMSpropState, rmsprop_init, rmsprop_update
+from .pure import PureRMSprop, RMSpropState, optax_rmsprop, rmsprop_init, rmsprop_update
+from .variants import NpuFusedRMSpropTF
 
 __all__ = [
     "NpuFusedRMSprop",
+    "NpuFusedRMSpropTF",
+    "PureRMSprop",
     "RMSpropState",
+    "optax_rmsprop",
     "rmsprop_init",
     "rmsprop_step",
     "rmsprop_update",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -57,17 +58,15 @@ def _math_view(flat: Tensor) -> Tensor:
     return torch.view_as_real(flat) if flat.is_complex() else flat
 
 
-def _new_zeros_state(p: Tensor) -> Tensor:
-    return torch.zeros_like(p, memory_format=torch.preserve_format)
-
-
-def init_state(state: dict, p: Tensor, roles: Sequence[str]) -> None:
-    """Create torch.optim.RMSprop's state for ``p`` (lazily, as torch does)."""
+def init_state(state: dict, p: Tensor, roles: Sequence[str], initial_square_avg: float = 0.0) -> None:
+    """Create torch.optim.RMSprop's state for ``p`` (lazily, as torch does); the mean
+    square starts at ``initial_square_avg`` (0 in PyTorch, 1 in TensorFlow/MindSpore)."""
     if "step" not in state:
         state["step"] = torch.zeros((), dtype=_get_scalar_dtype())
     for role in roles:
         if role not in state:
-            state[role] = _new_zeros_state(p)
+            fill = initial_square_avg if role == "square_avg" else 0.0
+            state[role] = torch.full_like(p, fill, memory_format=torch.preserve_format)
 
 
 @dataclass
@@ -81,6 +80,26 @@ class Bucket:
     state: dict[str, Tensor]
     steps: Tensor
     grad_slots: list[Tensor] = field(repr=False)
+    #: The hyperparameter tensor the optimizer keeps for this bucket (see optimizer.py).
+    hyper: Any = field(default=None, init=False, repr=False)
+    #: The name of the compiled step this bucket ran last (``StepKey.name()``).
+    graph: str = field(default="", init=False, repr=False)
+    #: What the bucket step receives: the param, grad, square_avg, grad_avg and
+    #: momentum_buffer buffers as real tensors (None for roles not in use), built once.
+    step_args: list[Tensor | None] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        def arg(flat: Tensor | None) -> Tensor | None:
+            if flat is None:
+                return None
+            view = _math_view(flat)
+            # One compiled graph for every bucket size: dim 0 is dynamic from the start.
+            torch._dynamo.maybe_mark_dynamic(view, 0)
+            return view
+
+        self.step_args = [arg(self.param), arg(self.grad)] + [
+            arg(self.state.get(role)) for role in STATE_ROLES
+        ]
 
     @property
     def device(self) -> torch.device:
@@ -155,12 +174,6 @@ class Bucket:
                     if isinstance(value, Tensor) and self.owns(value):
                         st[key] = value.clone()
 
-    def math_tensors(self, roles: Sequence[str]) -> list[Tensor]:
-        """The flat param and grad and the given state buffers, as real tensors."""
-        return [_math_view(self.param), _math_view(self.grad)] + [
-            _math_view(self.state[r]) for r in roles
-        ]
-
 
 def _bucket_key(p: Tensor) -> tuple:
     return (p.device, p.dtype)
@@ -180,16 +193,28 @@ class GroupLayout:
 
     @staticmethod
     def build(
-        params: list[Tensor], states: dict, roles: tuple[str, ...], old: GroupLayout | None
+        params: list[Tensor],
+        states: dict,
+        roles: tuple[str, ...],
+        old: GroupLayout | None,
+        *,
+        initial_square_avg: float = 0.0,
+        split_by_step: bool = False,
     ) -> GroupLayout:
-        """Gather ``params`` (those with a grad, in group order) into buckets."""
+        """Gather ``params`` (those with a grad, in group order) into buckets.
+
+        With ``split_by_step`` the params of one bucket also share their step count (bias
+        correction needs one count per bucket; params that got their first grad late
+        then live in a bucket of their own).
+        """
         for p in params:
-            init_state(states[p], p, roles)
+            init_state(states[p], p, roles, initial_square_avg)
         parts: dict[tuple, list[Tensor]] = {}
         loose = []
         for p in params:
             if is_non_overlapping_and_dense(p) and p.numel() > 0:
-                parts.setdefault(_bucket_key(p), []).append(p)
+                key = _bucket_key(p) + ((float(states[p]["step"]),) if split_by_step else ())
+                parts.setdefault(key, []).append(p)
             else:
                 loose.append(p)
         buckets = [Bucket.gather(ps, states, roles) for ps in parts.values()]

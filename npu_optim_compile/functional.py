@@ -43,6 +43,22 @@ def _real_views(tensors: Sequence[Tensor]) -> list[Tensor]:
     return [torch.view_as_real(t) if torch.is_complex(t) else t for t in tensors]
 
 
+def check_options(
+    *,
+    momentum_buffers: bool,
+    nesterov: bool,
+    loss_scale: Scalar,
+    initial_square_avg: float = 0.0,
+) -> None:
+    """ValueError for option combinations that make no sense (shared by every API)."""
+    if nesterov and not momentum_buffers:
+        raise ValueError("nesterov=True needs momentum: set momentum > 0 (or pass momentum buffers)")
+    if not _is_tensor(loss_scale) and not loss_scale > 0:
+        raise ValueError(f"Invalid loss_scale value: {loss_scale} (must be > 0)")
+    if not initial_square_avg >= 0:
+        raise ValueError(f"Invalid initial_square_avg value: {initial_square_avg} (must be >= 0)")
+
+
 def rmsprop_step(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -57,46 +73,81 @@ def rmsprop_step(
     momentum: Scalar,
     centered: bool,
     maximize: bool,
+    eps_in_sqrt: bool = False,
+    lr_in_momentum: bool = False,
+    decoupled_weight_decay: bool = False,
+    lr_scaled_decay: bool = True,
+    nesterov: bool = False,
+    bias_correction: bool = False,
+    state_steps: Sequence[Scalar] | None = None,
+    loss_scale: Scalar = 1.0,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
     r"""One RMSprop step over lists of tensors, in place, with ``torch._foreach_*`` ops.
 
-    With :math:`\theta` the params (``params``), :math:`g` the grads, :math:`v` the
-    mean square (``square_avgs``), :math:`\bar g` the mean gradient (``grad_avgs``),
-    :math:`b` the momentum buffer (``momentum_buffers``), :math:`\gamma` = ``lr``,
-    :math:`\alpha` = ``alpha``, :math:`\epsilon` = ``eps``, :math:`\lambda` =
-    ``weight_decay`` and :math:`\mu` = ``momentum``:
+    With :math:`\theta` the params, :math:`g` the grads, :math:`v` the mean square
+    (``square_avgs``), :math:`\bar g` the mean gradient (``grad_avgs``), :math:`b` the
+    momentum buffer (``momentum_buffers``), :math:`\gamma` = ``lr``, :math:`\alpha` =
+    ``alpha``, :math:`\epsilon` = ``eps``, :math:`\lambda` = ``weight_decay``,
+    :math:`\mu` = ``momentum``, :math:`s` = ``loss_scale`` and :math:`t` the step count:
 
     .. math::
 
         \begin{aligned}
-        g &\leftarrow -g \quad \text{if maximize} \\
-        g &\leftarrow g + \lambda \theta \quad \text{if weight decay is on} \\
-        v &\leftarrow \alpha v + (1 - \alpha) g^2 \\
-        \bar g &\leftarrow \bar g + (1 - \alpha)(g - \bar g) \quad \text{if centered} \\
-        d &\leftarrow \sqrt{v - \bar g^2} + \epsilon \ \text{(centered)}
-            \quad\text{or}\quad \sqrt{v} + \epsilon \\
-        b &\leftarrow \mu b + g / d, \quad \theta \leftarrow \theta - \gamma b
-            \quad \text{with momentum buffers} \\
-        \theta &\leftarrow \theta - \gamma\, g / d \quad \text{without}
+        g &\leftarrow g / s, \qquad g \leftarrow -g \ \text{(maximize)} \\
+        g &\leftarrow g + \lambda \theta
+            \quad\text{or, decoupled,}\quad \theta \leftarrow \theta (1 - \gamma\lambda) \\
+        v &\leftarrow \alpha v + (1 - \alpha) g^2, \qquad
+            \bar g \leftarrow \bar g + (1 - \alpha)(g - \bar g) \ \text{(centered)} \\
+        c &\leftarrow 1 - \alpha^t \ \text{(bias correction, else } c = 1), \qquad
+            w \leftarrow v / c - [\bar g / c]^2 \ \text{(the bracket if centered)} \\
+        d &\leftarrow \sqrt{w} + \epsilon
+            \quad\text{or, with eps in the root,}\quad d \leftarrow \sqrt{w + \epsilon} \\
+        u &\leftarrow g / d \\
+        b &\leftarrow \mu b + u, \quad \theta \leftarrow \theta - \gamma b
+            \qquad\text{(momentum; Nesterov: } \theta \leftarrow \theta - \gamma (u + \mu b)) \\
+        b &\leftarrow \mu b + \gamma u, \quad \theta \leftarrow \theta - b
+            \qquad\text{(lr in momentum; Nesterov: } \theta \leftarrow \theta - (\gamma u + \mu b)) \\
+        \theta &\leftarrow \theta - \gamma u \qquad\text{(no momentum buffers)}
         \end{aligned}
 
-    This is ``torch.optim.RMSprop``'s update: :math:`\epsilon` is added *outside* the
-    square root (TensorFlow and optax put it inside), and the mean square starts at 0.
+    The defaults give ``torch.optim.RMSprop``'s update exactly: :math:`\epsilon` outside
+    the root, no bias correction, lr outside the momentum buffer, coupled (L2) decay.
+    TensorFlow, Keras, timm's ``RMSpropTF``, MindSpore and optax put :math:`\epsilon`
+    inside the root and :math:`\gamma` inside the momentum buffer; TensorFlow and
+    MindSpore also start :math:`v` at 1 (that is the caller's initial state).
 
     Args:
         params, grads, square_avgs: equal-length lists; ``params`` and ``square_avgs``
             are updated in place, ``grads`` are read only.
         grad_avgs: the mean gradients, updated in place; used when ``centered`` (may be
             empty or None otherwise).
-        momentum_buffers: updated in place. When non-empty, the momentum form is used
-            (as torch does for ``momentum > 0``); empty or None means no momentum.
-        lr, alpha, eps, weight_decay, momentum: Python numbers or 0-d tensors. A 0-d
-            tensor is read at run time, so under ``torch.compile`` changing its value
-            never recompiles. A Python number is a constant: under ``torch.compile`` a
-            new value is a new graph. Weight decay is skipped when it is the number 0;
-            a tensor weight decay is always applied (0 then adds :math:`0 \cdot \theta`).
+        momentum_buffers: updated in place. When non-empty the momentum form is used (as
+            torch does for ``momentum > 0``); empty or None means no momentum.
+        lr, alpha, eps, weight_decay, momentum, loss_scale: Python numbers or 0-d
+            tensors. A 0-d tensor is read at run time, so under ``torch.compile``
+            changing it never recompiles; a Python number is a constant of the graph.
+            Weight decay is skipped when it is the number 0 and the loss-scale division
+            when it is the number 1; a tensor is always applied.
         centered: subtract the squared mean gradient inside the root.
         maximize: ascend instead of descend.
+        eps_in_sqrt: :math:`\sqrt{w + \epsilon}` instead of :math:`\sqrt{w} + \epsilon`.
+        lr_in_momentum: keep :math:`\gamma` inside the momentum buffer (the stored
+            buffer is then lr-scaled, as in TensorFlow, timm and MindSpore).
+        decoupled_weight_decay: shrink the params, :math:`\theta (1 - \gamma\lambda)`,
+            before the update instead of adding :math:`\lambda\theta` to the gradient.
+        lr_scaled_decay: with decoupled decay, ``False`` shrinks by :math:`(1 - \lambda)`
+            without :math:`\gamma` (torch_npu's ``NpuFusedRMSpropTF``).
+        nesterov: Nesterov momentum (needs momentum buffers), as optax's ``trace``.
+        bias_correction: divide :math:`v` (and :math:`\bar g`) by :math:`1 - \alpha^t`.
+        state_steps: the step count :math:`t` of each param *including* this step, as
+            numbers or 0-d tensors (one per param, or a single one for all); needed only
+            for ``bias_correction``. This function never increments them.
+        grad_scale: AMP: the grads are multiplied by ``1 / grad_scale`` first
+            (``torch.amp.GradScaler``'s unscale).
+        found_inf: AMP: where it is nonzero, params and state keep their old values (the
+            step is skipped without a host synchronisation).
 
     Complex tensors are updated as pairs of real numbers (``torch.view_as_real``), as
     torch.optim.RMSprop does. The function is traceable by
@@ -118,6 +169,16 @@ def rmsprop_step(
         raise ValueError(
             f"rmsprop_step: expected {n} momentum_buffers (or none), got {len(momentum_buffers)}"
         )
+    check_options(momentum_buffers=bool(momentum_buffers), nesterov=nesterov, loss_scale=loss_scale)
+    steps: list[Scalar] = []
+    if bias_correction:
+        steps = list(state_steps or [])
+        if len(steps) not in (1, n):
+            raise ValueError(
+                f"rmsprop_step: bias_correction=True needs state_steps (1 or {n} step counts), "
+                f"got {len(steps)}"
+            )
+        steps = steps * n if len(steps) == 1 else steps
 
     params = _real_views(params)
     grads = _real_views(grads)
@@ -125,10 +186,22 @@ def rmsprop_step(
     grad_avgs = _real_views(grad_avgs)
     momentum_buffers = _real_views(momentum_buffers)
 
+    if found_inf is not None:  # AMP: keep the old values where a grad overflowed
+        mutated = params + square_avgs + grad_avgs + momentum_buffers
+        saved = torch._foreach_mul(mutated, 1)
+
+    if grad_scale is not None:
+        grads = torch._foreach_mul(grads, grad_scale.reciprocal())
+    if _is_tensor(loss_scale) or loss_scale != 1:
+        grads = torch._foreach_div(grads, [loss_scale] * n if _is_tensor(loss_scale) else loss_scale)
     if maximize:
         grads = torch._foreach_neg(grads)
     if _is_tensor(weight_decay) or weight_decay != 0:
-        grads = torch._foreach_add(grads, torch._foreach_mul(params, weight_decay))
+        if decoupled_weight_decay:
+            shrink = 1 - lr * weight_decay if lr_scaled_decay else 1 - weight_decay
+            torch._foreach_mul_(params, shrink)
+        else:
+            grads = torch._foreach_add(grads, torch._foreach_mul(params, weight_decay))
 
     # v <- alpha * v + ((1 - alpha) * g) * g
     one_minus_alpha = 1 - alpha
@@ -137,26 +210,52 @@ def rmsprop_step(
     torch._foreach_mul_(square_avgs, alpha)
     torch._foreach_add_(square_avgs, scaled_sq)
 
+    mean_sq = square_avgs
+    if bias_correction:
+        # 1 - alpha^t in the params' precision (at least fp32): an integer step tensor
+        # would otherwise be raised in the default dtype.
+        corr_dtype = torch.promote_types(params[0].dtype, torch.float32)
+        steps = [t.to(corr_dtype) if _is_tensor(t) else t for t in steps]
+        corrections = [1 - alpha**t for t in steps]
+        mean_sq = torch._foreach_div(square_avgs, corrections)
     if centered:
         # g_avg <- g_avg + (1 - alpha) * (g - g_avg): torch's lerp for weights below 0.5
         delta = torch._foreach_sub(grads, grad_avgs)
         torch._foreach_mul_(delta, one_minus_alpha)
         torch._foreach_add_(grad_avgs, delta)
-        denom = torch._foreach_mul(grad_avgs, grad_avgs)
-        denom = torch._foreach_sub(square_avgs, denom)
+        mean_g = torch._foreach_div(grad_avgs, corrections) if bias_correction else grad_avgs
+        denom = torch._foreach_sub(mean_sq, torch._foreach_mul(mean_g, mean_g))
+    else:
+        denom = mean_sq
+    if eps_in_sqrt:
+        denom = torch._foreach_add(denom, [eps] * n) if _is_tensor(eps) else torch._foreach_add(denom, eps)
         denom = torch._foreach_sqrt(denom)
     else:
-        denom = torch._foreach_sqrt(square_avgs)
-    _add_scalar_(denom, eps)
+        denom = torch._foreach_sqrt(denom)
+        _add_scalar_(denom, eps)
 
     neg_lr = -lr
     if momentum_buffers:
-        # b <- mu * b + g / d ; theta <- theta + (-lr) * b
+        update = torch._foreach_div(grads, denom)  # u = g / d
+        if lr_in_momentum:
+            torch._foreach_mul_(update, lr)  # u <- lr * u
+        # b <- mu * b + u
         torch._foreach_mul_(momentum_buffers, momentum)
-        torch._foreach_add_(momentum_buffers, torch._foreach_div(grads, denom))
-        torch._foreach_add_(params, torch._foreach_mul(momentum_buffers, neg_lr))
+        torch._foreach_add_(momentum_buffers, update)
+        step = momentum_buffers
+        if nesterov:
+            step = torch._foreach_add(update, torch._foreach_mul(momentum_buffers, momentum))
+        if lr_in_momentum:
+            torch._foreach_sub_(params, step)
+        else:
+            torch._foreach_add_(params, torch._foreach_mul(step, neg_lr))
     else:
         # theta <- theta + ((-lr) * g) / d, the operation order of torch's addcdiv
         update = torch._foreach_mul(grads, neg_lr)
         torch._foreach_div_(update, denom)
         torch._foreach_add_(params, update)
+
+    if found_inf is not None:
+        skip = found_inf.to(torch.bool)
+        for t, old in zip(mutated, saved):
+            t.copy_(torch.where(skip, old, t))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -10,11 +11,28 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from ._buckets import GroupLayout
 from ._compile import BACKENDS, StepKey, get_bucket_step
-from .functional import rmsprop_step
+from ._dump import bucket_context, resolve_dump_dir
+from ._torchair import MODES as NPU_MODES
+from ._npu import require_torchair
+from .functional import check_options, rmsprop_step
 
 __all__ = ["NpuFusedRMSprop"]
 
-_HYPERPARAMETERS = ("lr", "alpha", "eps", "weight_decay", "momentum")
+#: The values the compiled step reads at run time, in the order of its hyper tensor.
+_HYPERPARAMETERS = ("lr", "alpha", "eps", "weight_decay", "momentum", "loss_scale")
+
+#: Options beyond torch.optim.RMSprop's, with the defaults that keep its exact update.
+#: They enter a param group only when not at their default, so a default optimizer's
+#: param_groups (and printing) are torch.optim.RMSprop's.
+VARIANT_DEFAULTS: dict[str, Any] = {
+    "eps_in_sqrt": False,
+    "initial_square_avg": 0.0,
+    "lr_in_momentum": False,
+    "decoupled_weight_decay": False,
+    "nesterov": False,
+    "bias_correction": False,
+    "loss_scale": 1.0,
+}
 
 
 def _validate_hyperparameters(lr, alpha, eps, weight_decay, momentum) -> None:
@@ -39,24 +57,27 @@ def _hyper_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "npu" else torch.float64
 
 
-class _HyperTensors:
-    """0-d tensors holding a group's hyperparameters on one device, refreshed per step."""
+class _HyperTensor:
+    """One bucket's ``[lr, alpha, eps, weight_decay, momentum, loss_scale, step]`` in one
+    1-D tensor on the bucket's device (see Note [hyperparameters in one 1-D tensor] in
+    ``_compile.py``), refreshed before each step without recompiling anything."""
 
     def __init__(self, device: torch.device) -> None:
-        dtype = _hyper_dtype(device)
-        self.tensors = [torch.zeros((), dtype=dtype, device=device) for _ in _HYPERPARAMETERS]
-        self._seen: list[Any] = [None] * len(_HYPERPARAMETERS)
+        self.tensor = torch.zeros(len(_HYPERPARAMETERS) + 1, dtype=_hyper_dtype(device), device=device)
+        self._seen: tuple | None = None
 
-    def refresh(self, group: dict) -> list[Tensor]:
-        for i, name in enumerate(_HYPERPARAMETERS):
-            value = group[name]
-            if isinstance(value, Tensor):
-                self.tensors[i].copy_(value.detach().reshape(()))
-                self._seen[i] = None
-            elif value != self._seen[i]:
-                self.tensors[i].fill_(value)
-                self._seen[i] = value
-        return self.tensors
+    def refresh(self, values: tuple) -> Tensor:
+        if any(isinstance(v, Tensor) for v in values):
+            for i, v in enumerate(values):
+                self.tensor[i].copy_(v.detach().reshape(()) if isinstance(v, Tensor) else v)
+            self._seen = None
+        elif values != self._seen:
+            staged = torch.tensor(values, dtype=self.tensor.dtype)
+            if self.tensor.device.type != "cpu":  # no host synchronisation
+                staged = staged.pin_memory()
+            self.tensor.copy_(staged, non_blocking=True)
+            self._seen = values
+        return self.tensor
 
 
 class NpuFusedRMSprop(Optimizer):
@@ -102,11 +123,46 @@ class NpuFusedRMSprop(Optimizer):
         backend: ``"auto"`` (inductor on CPU/CUDA, torchair on an Ascend NPU),
             ``"inductor"``, ``"torchair"`` or ``"eager"`` (no compilation: the functional
             step on the flat buffers, for debugging).
+        npu_mode: torchair's mode: ``"max-autotune"`` (default: a GE graph, fused and
+            memory-planned by CANN), ``"npugraph_ex"`` or ``"reduce-overhead"`` (ACL-graph
+            capture and replay of eager NPU kernels; all step inputs are marked static,
+            so a replay copies nothing).
+        dump_dir: write each compiled graph's files there (see ``_dump.py``; also the
+            environment variable ``NPU_OPTIM_COMPILE_DUMP_DIR``).
 
-    Hyperparameters live in 0-d tensors inside the compiled graph: changing them, with
-    an LR scheduler or by hand, never recompiles. The state_dict has
-    torch.optim.RMSprop's format, and each loads into the other.
+    Variants (keyword-only; the defaults keep torch.optim.RMSprop's exact update, and
+    every combination keeps one fused kernel per bucket; formulas in
+    :func:`~npu_optim_compile.rmsprop_step`):
+
+    Args:
+        eps_in_sqrt: :math:`\sqrt{v + \epsilon}` (TensorFlow, Keras, timm, MindSpore,
+            optax) instead of :math:`\sqrt{v} + \epsilon`.
+        initial_square_avg: the mean square :math:`v` starts here (1 in TensorFlow and
+            MindSpore, 0 in PyTorch).
+        lr_in_momentum: :math:`b \leftarrow \mu b + \gamma g/d`, :math:`\theta
+            \leftarrow \theta - b` (TensorFlow, timm, MindSpore, optax); the stored
+            ``momentum_buffer`` is then lr-scaled. Differs from the default only when
+            the learning rate changes.
+        decoupled_weight_decay: :math:`\theta \leftarrow \theta(1 - \gamma\lambda)`
+            before the update instead of adding :math:`\lambda\theta` to the gradient.
+        nesterov: Nesterov momentum (optax's); needs ``momentum > 0``.
+        bias_correction: divide :math:`v` (and :math:`\bar g`) by
+            :math:`1 - \alpha^t` (optax's ``bias_correction``).
+        loss_scale: the gradients are divided by it (MindSpore's fixed loss scale).
+
+    Hyperparameters live in a tensor inside the compiled graph: changing them, with an
+    LR scheduler or by hand, never recompiles. The state_dict has torch.optim.RMSprop's
+    format, and each loads into the other.
+
+    Mixed precision: ``torch.amp.GradScaler`` works as with any optimizer. Because this
+    class sets ``_step_supports_amp_scaling``, the scaler passes its scale and its
+    found-inf flag as tensors: the unscale and the skip of an overflowing step happen
+    inside the compiled step, with no ``.item()`` synchronisation.
     """
+
+    # torch.amp.GradScaler then hands us grad_scale / found_inf tensors instead of
+    # unscaling and checking with .item() itself: both happen inside the compiled step.
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -119,16 +175,47 @@ class NpuFusedRMSprop(Optimizer):
         centered: bool = False,
         *,
         maximize: bool = False,
+        eps_in_sqrt: bool = False,
+        initial_square_avg: float = 0.0,
+        lr_in_momentum: bool = False,
+        decoupled_weight_decay: bool = False,
+        nesterov: bool = False,
+        bias_correction: bool = False,
+        loss_scale: float = 1.0,
         backend: str = "auto",
+        npu_mode: str = "max-autotune",
+        dump_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         _validate_hyperparameters(lr, alpha, eps, weight_decay, momentum)
+        if npu_mode not in NPU_MODES:
+            raise ValueError(
+                f"Invalid npu_mode: {npu_mode!r}. Choose one of {', '.join(map(repr, NPU_MODES))}"
+            )
+        check_options(
+            momentum_buffers=momentum > 0,
+            nesterov=nesterov,
+            loss_scale=loss_scale,
+            initial_square_avg=initial_square_avg,
+        )
+        variants = dict(
+            eps_in_sqrt=eps_in_sqrt,
+            initial_square_avg=initial_square_avg,
+            lr_in_momentum=lr_in_momentum,
+            decoupled_weight_decay=decoupled_weight_decay,
+            nesterov=nesterov,
+            bias_correction=bias_correction,
+            loss_scale=loss_scale,
+        )
         if backend not in BACKENDS:
             raise ValueError(
                 f"Invalid backend: {backend!r}. Choose one of {', '.join(map(repr, BACKENDS))}"
             )
+        if backend == "torchair":  # fail now, saying what is missing, not at the first step
+            require_torchair("NpuFusedRMSprop(backend='torchair')")
         self.backend = backend
+        self.npu_mode = npu_mode
+        self.dump_dir = resolve_dump_dir(dump_dir)
         self._layouts: dict[int, GroupLayout] = {}
-        self._hyper: dict[tuple[int, torch.device], _HyperTensors] = {}
         # Same keys as torch.optim.RMSprop, so state_dicts load both ways.
         defaults = dict(
             lr=lr,
@@ -142,7 +229,69 @@ class NpuFusedRMSprop(Optimizer):
             maximize=maximize,
             differentiable=False,
         )
+        defaults.update({k: v for k, v in variants.items() if v != VARIANT_DEFAULTS[k]})
         super().__init__(params, defaults)
+
+    @classmethod
+    def from_mindspore(
+        cls,
+        params: ParamsT,
+        learning_rate: float = 0.1,
+        decay: float = 0.9,
+        momentum: float = 0.0,
+        epsilon: float = 1e-10,
+        use_locking: bool = False,
+        centered: bool = False,
+        loss_scale: float = 1.0,
+        weight_decay: float = 0.0,
+        **options: Any,
+    ) -> NpuFusedRMSprop:
+        r"""``mindspore.nn.RMSProp``'s update, with its argument names and defaults.
+
+        .. math::
+
+            \begin{aligned}
+            g &\leftarrow (g + \lambda\theta) / s, \qquad s_0 = 1 \text{ (mean square)} \\
+            v &\leftarrow \rho v + (1 - \rho) g^2, \qquad
+                m \leftarrow \beta m + \eta\, g / \sqrt{v + \epsilon}
+                \ \ (\text{centered: } \sqrt{v - \bar g^2 + \epsilon}), \qquad
+                \theta \leftarrow \theta - m
+            \end{aligned}
+
+        with :math:`\eta` = ``learning_rate``, :math:`\rho` = ``decay``, :math:`\beta` =
+        ``momentum``, :math:`s` = ``loss_scale``, :math:`\lambda` = ``weight_decay``.
+        MindSpore adds the L2 term to the *scaled* gradient and then divides by the loss
+        scale, so the decay here is ``weight_decay / loss_scale``. MindSpore decays only
+        params whose names contain neither ``beta`` nor ``gamma``: pass named parameters
+        (``model.named_parameters()``) to get the same split; for plain tensors every
+        param is decayed. ``use_locking`` has no meaning in PyTorch and is ignored.
+        Keyword options of :class:`NpuFusedRMSprop` (``backend``, ...) pass through.
+        """
+        del use_locking
+        if not epsilon > 0:
+            raise ValueError(f"Invalid epsilon value: {epsilon} (MindSpore's RMSProp needs epsilon > 0)")
+        if not loss_scale > 0:
+            raise ValueError(f"Invalid loss_scale value: {loss_scale} (must be > 0)")
+        params = list(params)
+        if params and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in params):
+            exempt = ["beta" in name or "gamma" in name for name, _ in params]
+            no_decay = [p for p, skip in zip(params, exempt) if skip]
+            decay_params = [p for p, skip in zip(params, exempt) if not skip]
+            params = [g for g in ({"params": decay_params}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        return cls(
+            params,
+            lr=learning_rate,
+            alpha=decay,
+            eps=epsilon,
+            weight_decay=weight_decay / loss_scale,
+            momentum=momentum,
+            centered=centered,
+            eps_in_sqrt=True,
+            initial_square_avg=1.0,
+            lr_in_momentum=True,
+            loss_scale=loss_scale,
+            **options,
+        )
 
     # -- torch.optim.Optimizer API -------------------------------------------------
 
@@ -158,44 +307,121 @@ class NpuFusedRMSprop(Optimizer):
                 )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # Also reached from load_state_dict, whose loaded tensors replace our views:
+        # mark the layouts stale, so the next step gathers the loaded values and frees
+        # the old buffers.
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
-        self._layouts = {}
-        self._hyper = {}
+        self.__dict__.setdefault("npu_mode", "max-autotune")
+        self.__dict__.setdefault("dump_dir", "")
+        self.__dict__.setdefault("_layouts", {})
+        for layout in self._layouts.values():
+            layout.stale = True
+        # A loaded group keeps only the keys it was saved with (torch's format has none
+        # of our variants): fill the rest from this optimizer's construction, so loading
+        # never changes the algorithm.
         for group in self.param_groups:
-            for key, default in (("momentum", 0), ("centered", False), ("maximize", False)):
+            for key, default in self.defaults.items():
                 group.setdefault(key, default)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state["backend"] = self.backend
+        state.update(backend=self.backend, npu_mode=self.npu_mode, dump_dir=self.dump_dir)
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        # The loaded tensors replaced our views: gather them at the next step.
-        for layout in self._layouts.values():
-            layout.stale = True
-
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, **kwargs):
         """Perform a single optimization step.
 
         Args:
             closure (Callable, optional): A closure that reevaluates the model and
                 returns the loss.
+            grad_scaler (keyword, optional): passed by GradScalers that follow the legacy
+                ``_step_supports_amp_scaling`` contract (torch_npu's
+                ``torch_npu.npu.amp.GradScaler``): the grads are unscaled through it and
+                an overflowing step is skipped inside the compiled step.
+                ``torch.amp.GradScaler`` instead sets ``grad_scale`` / ``found_inf``.
         """
+        grad_scaler = kwargs.pop("grad_scaler", None)
+        if kwargs:
+            raise TypeError(f"step() got unexpected keyword arguments {sorted(kwargs)}")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for index, group in enumerate(self.param_groups):
-            self._step_group(index, group)
+        if grad_scaler is not None:
+            self._adopt_legacy_scaler(grad_scaler)
+        try:
+            for index, group in enumerate(self.param_groups):
+                self._step_group(index, group)
+        finally:
+            if grad_scaler is not None:
+                del self.found_inf
         return loss
+
+    def _adopt_legacy_scaler(self, scaler) -> None:
+        """The legacy contract: unscale through the scaler (one pass over the grads that
+        also records its inf check, so ``scaler.update()`` works), then skip in the step."""
+        state = scaler._per_optimizer_states[id(self)]
+        if state["stage"].name == "READY":
+            scaler.unscale_(self)
+        found = list(state["found_inf_per_device"].values())
+        self.found_inf = sum(t.to(found[0].device, non_blocking=True) for t in found[1:]) + found[0]
+
+    # -- torch_npu's tensor-fusion API ----------------------------------------------
+
+    def _layouts_now(self) -> list[GroupLayout]:
+        layouts = (self._prepare_group(i, g) for i, g in enumerate(self.param_groups))
+        return [layout for layout in layouts if layout is not None]
+
+    def describe_buckets(self) -> list[dict[str, Any]]:
+        """One entry per bucket of the last step: group, device, dtype, tensors, elements."""
+        return [
+            {
+                "group": index,
+                "device": str(b.device),
+                "dtype": str(b.param.dtype).removeprefix("torch."),
+                "tensors": len(b.params),
+                "elements": b.param.numel(),
+                "state": list(b.state),
+                "graph": b.graph,
+            }
+            for index, layout in sorted(self._layouts.items())
+            for b in layout.buckets
+        ]
+
+    def get_combined_params(self) -> list[Tensor]:
+        """The flat param buffers, one per (param group, device, dtype) bucket, of the
+        params that have a grad now (torch_npu's ``get_combined_params``; torch_npu
+        combines per dtype across groups). Every such param is a view of one of them."""
+        return [b.param for layout in self._layouts_now() for b in layout.buckets]
+
+    def get_combined_grads(self) -> list[Tensor]:
+        """The flat grad buffers, bucket by bucket (torch_npu's ``get_combined_grads``).
+        Grads that autograd re-allocated are gathered into them first."""
+        return [b.grad for layout in self._layouts_now() for b in layout.buckets]
+
+    @torch.no_grad()
+    def clip_grad_norm_fused_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
+        """Clip the grads of all groups to a total norm of ``max_norm``, in place, on the
+        flat buffers: ``torch.nn.utils.clip_grad_norm_``'s result with one norm and one
+        scale per bucket. Returns the total norm before clipping."""
+        grads = []
+        for layout in self._layouts_now():
+            grads += [b.grad for b in layout.buckets] + [p.grad for p in layout.loose]
+        if not grads:
+            return torch.tensor(0.0)
+        norm_type = float(norm_type)
+        norms = [torch.linalg.vector_norm(g, norm_type) for g in grads]
+        device = norms[0].device
+        total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef)
+        return total
 
     # -- internals -------------------------------------------------------------------
 
-    def _layout(self, index: int, group: dict, params: list[Tensor], roles: tuple) -> GroupLayout:
+    def _layout(self, index: int, params: list[Tensor], roles: tuple, options: dict) -> GroupLayout:
         layout = self._layouts.get(index)
         if layout is not None and not layout.stale and layout.roles == roles and layout.matches(params):
             try:
@@ -206,7 +432,14 @@ class NpuFusedRMSprop(Optimizer):
         for p in params:
             if p.grad.is_sparse:
                 raise RuntimeError("NpuFusedRMSprop does not support sparse gradients")
-        layout = GroupLayout.build(params, self.state, roles, layout)
+        layout = GroupLayout.build(
+            params,
+            self.state,
+            roles,
+            layout,
+            initial_square_avg=options["initial_square_avg"],
+            split_by_step=options["bias_correction"],
+        )
         self._layouts[index] = layout
         return layout
 
@@ -215,55 +448,108 @@ class NpuFusedRMSprop(Optimizer):
             return "torchair" if device.type == "npu" else "inductor"
         return self.backend
 
-    def _step_group(self, index: int, group: dict) -> None:
+    def _group_options(self, group: dict) -> dict[str, Any]:
+        """The step options of a group: torch's keys plus the variants (their defaults
+        where the group does not set them). Subclasses map their own keys here."""
+        options = {key: group.get(key, default) for key, default in VARIANT_DEFAULTS.items()}
+        options["lr_scaled_decay"] = True
+        return options
+
+    def _prepare_group(self, index: int, group: dict) -> GroupLayout | None:
+        """Make group ``index``'s buckets current (gathering again what moved)."""
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
+            return None
+        roles = ("square_avg",) + (("grad_avg",) if group["centered"] else ()) + (
+            ("momentum_buffer",) if group["momentum"] > 0 else ()
+        )
+        return self._layout(index, params, roles, self._group_options(group))
+
+    def _step_group(self, index: int, group: dict) -> None:
+        layout = self._prepare_group(index, group)
+        if layout is None:
             return
+        options = self._group_options(group)
         centered = bool(group["centered"])
         use_momentum = group["momentum"] > 0
-        roles = ("square_avg",) + (("grad_avg",) if centered else ()) + (
-            ("momentum_buffer",) if use_momentum else ()
-        )
-        layout = self._layout(index, group, params, roles)
-        use_wd = isinstance(group["weight_decay"], Tensor) or group["weight_decay"] != 0
-        maximize = bool(group["maximize"])
+        # AMP: torch.amp.GradScaler sets these tensors because _step_supports_amp_scaling.
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        flags = {
+            "centered": centered,
+            "maximize": bool(group["maximize"]),
+            "momentum": use_momentum,
+            "weight_decay": isinstance(group["weight_decay"], Tensor) or group["weight_decay"] != 0,
+            "eps_in_sqrt": options["eps_in_sqrt"],
+            "lr_in_momentum": options["lr_in_momentum"],
+            "decoupled_weight_decay": options["decoupled_weight_decay"],
+            "lr_unscaled_decay": not options["lr_scaled_decay"],
+            "nesterov": options["nesterov"],
+            "bias_correction": options["bias_correction"],
+            "loss_scale": isinstance(options["loss_scale"], Tensor) or options["loss_scale"] != 1,
+            "grad_scale": grad_scale is not None,
+            "found_inf": found_inf is not None,
+        }
+        flags = frozenset(name for name, on in flags.items() if on)
+        values = tuple(group[name] for name in _HYPERPARAMETERS[:5]) + (options["loss_scale"],)
 
         for bucket in layout.buckets:
             bucket.steps.add_(1)
-            hyper = self._hyper.get((index, bucket.device))
-            if hyper is None:
-                hyper = self._hyper[(index, bucket.device)] = _HyperTensors(bucket.device)
+            skip = None if found_inf is None else found_inf.to(bucket.device, non_blocking=True)
+            if skip is not None:
+                bucket.steps.sub_(skip.to(bucket.steps.device))
+            if bucket.hyper is None:
+                bucket.hyper = _HyperTensor(bucket.device)
+            step_count = float(bucket.steps[0]) if "bias_correction" in flags else 0.0
+            hyper = bucket.hyper.refresh(values + (step_count,))
+            scale = None if grad_scale is None else grad_scale.to(bucket.device, non_blocking=True)
+            backend = self._resolve_backend(bucket.device)
             key = StepKey(
-                backend=self._resolve_backend(bucket.device),
-                device_type=bucket.device.type,
-                dtype=bucket.math_dtype,
-                centered=centered,
-                momentum=use_momentum,
-                weight_decay=use_wd,
-                maximize=maximize,
+                backend,
+                bucket.device.type,
+                bucket.math_dtype,
+                flags,
+                mode=self.npu_mode if backend == "torchair" else "",
+                dump_dir=self.dump_dir,
             )
-            tensors = bucket.math_tensors(roles)
-            step_args = tensors[:3] + [
-                tensors[2 + roles.index("grad_avg")] if centered else None,
-                tensors[2 + roles.index("momentum_buffer")] if use_momentum else None,
-            ]
-            get_bucket_step(key)(*step_args, *hyper.refresh(group))
+            step = get_bucket_step(key)
+            bucket.graph = key.name()
+            if self.dump_dir:
+                with bucket_context(self.describe_buckets()):
+                    step(*bucket.step_args, hyper, scale, skip)
+            else:
+                step(*bucket.step_args, hyper, scale, skip)
 
         if layout.loose:  # params that cannot be views of a flat buffer: plain foreach
-            states = [self.state[p] for p in layout.loose]
-            for st in states:
-                st["step"] += 1
-            rmsprop_step(
-                layout.loose,
-                [p.grad for p in layout.loose],
-                [st["square_avg"] for st in states],
-                [st["grad_avg"] for st in states] if centered else None,
-                [st["momentum_buffer"] for st in states] if use_momentum else None,
-                lr=group["lr"],
-                alpha=group["alpha"],
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                momentum=group["momentum"],
-                centered=centered,
-                maximize=maximize,
-            )
+            self._step_loose(layout.loose, group, options, grad_scale, found_inf)
+
+    def _step_loose(self, params, group, options, grad_scale, found_inf) -> None:
+        states = [self.state[p] for p in params]
+        steps = [st["step"] for st in states]
+        torch._foreach_add_(steps, 1)
+        if found_inf is not None:
+            torch._foreach_sub_(steps, found_inf.to(steps[0].device))
+        rmsprop_step(
+            params,
+            [p.grad for p in params],
+            [st["square_avg"] for st in states],
+            [st["grad_avg"] for st in states] if group["centered"] else None,
+            [st["momentum_buffer"] for st in states] if group["momentum"] > 0 else None,
+            lr=group["lr"],
+            alpha=group["alpha"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            centered=bool(group["centered"]),
+            maximize=bool(group["maximize"]),
+            eps_in_sqrt=options["eps_in_sqrt"],
+            lr_in_momentum=options["lr_in_momentum"],
+            decoupled_weight_decay=options["decoupled_weight_decay"],
+            lr_scaled_decay=options["lr_scaled_decay"],
+            nesterov=options["nesterov"],
+            bias_correction=options["bias_correction"],
+            state_steps=steps,
+            loss_scale=options["loss_scale"],
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+        )

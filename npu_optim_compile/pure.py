@@ -13,6 +13,7 @@ same structure. The update math is :func:`~npu_optim_compile.rmsprop_step`'s.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -21,7 +22,7 @@ from torch.utils import _pytree as pytree
 
 from .functional import Scalar, rmsprop_step
 
-__all__ = ["RMSpropState", "rmsprop_init", "rmsprop_update"]
+__all__ = ["PureRMSprop", "RMSpropState", "optax_rmsprop", "rmsprop_init", "rmsprop_update"]
 
 PyTree = Any
 
@@ -92,6 +93,12 @@ def rmsprop_update(
     momentum: Scalar = 0,
     centered: bool = False,
     maximize: bool = False,
+    eps_in_sqrt: bool = False,
+    lr_in_momentum: bool = False,
+    decoupled_weight_decay: bool = False,
+    nesterov: bool = False,
+    bias_correction: bool = False,
+    loss_scale: Scalar = 1.0,
 ) -> tuple[PyTree, RMSpropState]:
     r"""Return ``(new_params, new_state)`` after one RMSprop step; inputs are untouched.
 
@@ -109,8 +116,12 @@ def rmsprop_update(
     Args:
         params, grads: pytrees of tensors with the same structure.
         state: from :func:`rmsprop_init` or a previous call.
-        lr, alpha, eps, weight_decay, momentum: numbers or 0-d tensors.
+        lr, alpha, eps, weight_decay, momentum, loss_scale: numbers or 0-d tensors.
         centered, maximize: as in torch.optim.RMSprop.
+        eps_in_sqrt, lr_in_momentum, decoupled_weight_decay, nesterov, bias_correction:
+            the variants of :func:`~npu_optim_compile.rmsprop_step` (``bias_correction``
+            uses ``state.step + 1`` as the step count). :func:`optax_rmsprop` maps
+            ``optax.rmsprop``'s arguments onto these.
     """
     _check_nonnegative(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum)
     p_leaves, spec = pytree.tree_flatten(params)
@@ -162,6 +173,13 @@ def rmsprop_update(
         momentum=momentum,
         centered=centered,
         maximize=maximize,
+        eps_in_sqrt=eps_in_sqrt,
+        lr_in_momentum=lr_in_momentum,
+        decoupled_weight_decay=decoupled_weight_decay,
+        nesterov=nesterov,
+        bias_correction=bias_correction,
+        state_steps=[state.step + 1],
+        loss_scale=loss_scale,
     )
     unflatten = pytree.tree_unflatten
     new_state = RMSpropState(
@@ -171,6 +189,58 @@ def rmsprop_update(
         momentum_buffer=unflatten(new_mb, spec) if use_momentum else state.momentum_buffer,
     )
     return unflatten(new_params, spec), new_state
+
+
+class PureRMSprop(NamedTuple):
+    """A pair of pure functions, as optax's ``GradientTransformation``:
+    ``state = init(params)`` and ``params, state = update(params, grads, state)``."""
+
+    init: Callable[[PyTree], RMSpropState]
+    update: Callable[[PyTree, PyTree, RMSpropState], tuple[PyTree, RMSpropState]]
+
+
+def optax_rmsprop(
+    learning_rate: Scalar,
+    decay: float = 0.9,
+    eps: float = 1e-8,
+    initial_scale: float = 0.0,
+    eps_in_sqrt: bool = True,
+    centered: bool = False,
+    momentum: float | None = None,
+    nesterov: bool = False,
+    bias_correction: bool = False,
+) -> PureRMSprop:
+    r"""``optax.rmsprop``'s update, with its arguments and defaults, on :func:`rmsprop_update`.
+
+    optax composes ``scale_by_rms`` (or ``scale_by_stddev`` when centered),
+    ``scale_by_learning_rate`` and, with a momentum, ``trace``: so :math:`\epsilon` is
+    inside the root by default and the learning rate is inside the momentum trace::
+
+        alpha=decay, eps=eps, initial_square_avg=initial_scale, eps_in_sqrt=eps_in_sqrt,
+        centered=centered, momentum=momentum or 0, nesterov=nesterov,
+        bias_correction=bias_correction, lr_in_momentum=True
+
+    Example::
+
+        opt = optax_rmsprop(1e-3, momentum=0.9, nesterov=True)
+        state = opt.init(params)
+        params, state = opt.update(params, grads, state)
+
+    Unlike optax, ``update`` returns the new params rather than the updates to add.
+    """
+    mu = 0.0 if momentum is None else momentum
+
+    def init(params: PyTree) -> RMSpropState:
+        return rmsprop_init(params, momentum=mu, centered=centered, initial_square_avg=initial_scale)
+
+    def update(params: PyTree, grads: PyTree, state: RMSpropState) -> tuple[PyTree, RMSpropState]:
+        return rmsprop_update(
+            params, grads, state, lr=learning_rate, alpha=decay, eps=eps, momentum=mu,
+            centered=centered, eps_in_sqrt=eps_in_sqrt, lr_in_momentum=True,
+            nesterov=nesterov, bias_correction=bias_correction,
+        )
+
+    return PureRMSprop(init, update)
 
 
 def _check_leaves(leaves: list[Any], what: str) -> None:

@@ -1,0 +1,7 @@
+"""``python -m npu_optim_compile``: see ``_cli.py``."""
+
+import sys
+
+from ._cli import main
+
+sys.exit(main())

@@ -1,0 +1,313 @@
+"""The aten/prims op overloads that torchair's GE (max-autotune) mode can convert.
+
+In torchair's max-autotune mode every FX node must have a GE converter; an aten op
+without one, or whose converter is a stub that only raises, fails the compile
+(``research/torchair.md`` section 6). ``ge_allowlist.json`` lists the overloads with a
+working converter in torch_npu's wheel. It is generated from the wheel's source files,
+read as text from the zip with :mod:`ast` (nothing from the wheel is imported or
+extracted):
+
+    python -m npu_optim_compile.passes.ge_allowlist            # download, regenerate
+    python -m npu_optim_compile.passes.ge_allowlist --check    # exit 1 if the file is stale
+
+Counting rule: every ``@register_fx_node_ge_converter(torch.ops.<ns>.<op>.<overload>)``
+(or ``getattr(torch.ops.<ns>.<op>, "<overload>", None)``) on a module-level function
+in ``ge_converter/aten/*.py`` and ``ge_converter/prims/*.py`` is a registration; it is
+a *stub* when the function body (after its docstring) is one ``raise`` statement, else
+it is *working*. A working converter may still reject some arguments at conversion
+time (e.g. ``_native_batch_norm_legit`` with ``training=False``): the list is necessary,
+not sufficient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import functools
+import hashlib
+import json
+import operator
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+__all__ = [
+    "TORCH_NPU_VERSION",
+    "WheelUnavailableError",
+    "default_cache_dir",
+    "fetch_torch_npu_wheel",
+    "read_wheel_text",
+    "scan_converters",
+    "build_allowlist",
+    "load_ge_allowlist",
+    "op_name",
+    "unsupported_ops",
+    "main",
+]
+
+TORCH_NPU_VERSION = "2.13.0"
+ALLOWLIST_PATH = Path(__file__).with_name("ge_allowlist.json")
+CONVERTER_DIR = "torch_npu/dynamo/torchair/_ge_concrete_graph/ge_converter"
+_NAMESPACES = ("aten", "prims")
+# Any platform's wheel holds the same Python sources; this one is the reference.
+_PIP_PLATFORM_ARGS = (
+    "--only-binary=:all:", "--python-version", "3.11",
+    "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux2014_x86_64",
+    "--platform", "manylinux_2_17_x86_64",
+)  # fmt: skip
+
+
+class WheelUnavailableError(RuntimeError):
+    """The torch_npu wheel is neither cached nor downloadable (offline, no PyPI access)."""
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/npu_optim_compile`` (default ``~/.cache/npu_optim_compile``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "npu_optim_compile"
+
+
+def fetch_torch_npu_wheel(
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    version: str = TORCH_NPU_VERSION,
+    timeout_s: float = 600,
+) -> Path:
+    """Return a cached ``torch_npu-<version>-*.whl``, downloading it once with pip.
+
+    Only ``pip download --no-deps`` is used: installing torch_npu without CANN breaks
+    ``import torch``. Any wheel already in ``cache_dir`` is reused (drop one there to work
+    offline). Raises :class:`WheelUnavailableError` with pip's output when it fails.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cached = sorted(cache.glob(f"torch_npu-{version}-*.whl"))
+    if cached:
+        return cached[0]
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "--retries", "1", "--timeout", "20", *_PIP_PLATFORM_ARGS,
+               "-d", tmp, f"torch_npu=={version}"]  # fmt: skip
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise WheelUnavailableError(f"pip download torch_npu=={version} failed: {e}") from e
+        wheels = sorted(Path(tmp).glob(f"torch_npu-{version}-*.whl"))
+        if proc.returncode != 0 or not wheels:
+            lines = (proc.stdout + proc.stderr).strip().splitlines()
+            tail = [line for line in lines if line.startswith("ERROR")] or lines[-3:]
+            raise WheelUnavailableError(
+                f"pip download torch_npu=={version} failed (exit {proc.returncode}): "
+                + " | ".join(tail)
+                + f". Put the wheel into {cache} or pass --wheel PATH."
+            )
+        target = cache / wheels[0].name
+        os.replace(wheels[0], target)  # atomic: concurrent runs never see half a file
+    return target
+
+
+def read_wheel_text(wheel: str | os.PathLike[str], prefix: str) -> dict[str, str]:
+    """Return {archive path: text} of the ``.py`` files under ``prefix`` in the wheel.
+
+    Read from the zip directly: unpacking a wheel's ``dist-info`` into a directory on
+    ``sys.path`` (e.g. the current directory) makes ``import torch`` autoload it.
+    """
+    with zipfile.ZipFile(wheel) as zf:
+        return {
+            name: zf.read(name).decode("utf-8")
+            for name in sorted(zf.namelist())
+            if name.startswith(prefix) and name.endswith(".py")
+        }
+
+
+def _registered_target(decorator: ast.expr) -> str | None:
+    """``"aten.mul.Tensor"`` for ``@register_fx_node_ge_converter(torch.ops.aten.mul.Tensor)``."""
+    if not (
+        isinstance(decorator, ast.Call)
+        and isinstance(decorator.func, ast.Name)
+        and decorator.func.id == "register_fx_node_ge_converter"
+        and decorator.args
+    ):
+        return None
+    arg = decorator.args[0]
+    if (  # getattr(torch.ops.aten.rand, "names", None)
+        isinstance(arg, ast.Call)
+        and isinstance(arg.func, ast.Name)
+        and arg.func.id == "getattr"
+        and len(arg.args) >= 2
+        and isinstance(arg.args[1], ast.Constant)
+    ):
+        dotted = f"{ast.unparse(arg.args[0])}.{arg.args[1].value}"
+    else:
+        dotted = ast.unparse(arg)
+    if not dotted.startswith("torch.ops."):
+        return None  # e.g. torch.sym_sqrt, operator.mul: not aten/prims overloads
+    return dotted[len("torch.ops.") :]
+
+
+def _is_stub(func: ast.FunctionDef) -> bool:
+    body = func.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]  # docstring
+    return len(body) == 1 and isinstance(body[0], ast.Raise)
+
+
+def scan_converters(sources: dict[str, str]) -> tuple[frozenset[str], frozenset[str]]:
+    """Return (working, stubs) from {path: text} of converter files (see module doc)."""
+    working: dict[str, bool] = {}
+    for text in sources.values():
+        for node in ast.parse(text).body:
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            for decorator in node.decorator_list:
+                target = _registered_target(decorator)
+                if target is not None:
+                    working[target] = not _is_stub(node)  # last registration wins
+    return (
+        frozenset(t for t, ok in working.items() if ok),
+        frozenset(t for t, ok in working.items() if not ok),
+    )
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_allowlist(wheel: str | os.PathLike[str]) -> dict[str, Any]:
+    """Build the JSON document of ``ge_allowlist.json`` from a torch_npu wheel."""
+    wheel = Path(wheel)
+    sources: dict[str, str] = {}
+    for ns in _NAMESPACES:
+        sources.update(read_wheel_text(wheel, f"{CONVERTER_DIR}/{ns}/"))
+    if not sources:
+        raise ValueError(f"{wheel.name} has no {CONVERTER_DIR}/: not a torch_npu wheel with torchair?")
+    version_py = read_wheel_text(wheel, "torch_npu/version.py").get("torch_npu/version.py", "")
+    found = dict(re.findall(r"^(__version__|git_version)\s*=\s*'([^']*)'", version_py, re.M))
+    working, stubs = scan_converters(sources)
+    return {
+        "comment": "Generated by `python -m npu_optim_compile.passes.ge_allowlist`; do not edit. "
+        "ops: aten/prims overloads whose torchair GE converter is not a bare `raise` stub.",
+        "torch_npu_version": found.get("__version__"),
+        "torch_npu_git_version": found.get("git_version"),
+        "wheel": wheel.name,
+        "wheel_sha256": _file_sha256(wheel),
+        "source": f"{CONVERTER_DIR}/{{{','.join(_NAMESPACES)}}}/*.py",
+        "counts": {
+            "files": len(sources),
+            "registered": len(working) + len(stubs),
+            "working": len(working),
+            "stubs": len(stubs),
+        },
+        "ops": sorted(working),
+        "stubs": sorted(stubs),
+    }
+
+
+def _dumps(document: dict[str, Any]) -> str:
+    return json.dumps(document, indent=1) + "\n"
+
+
+@functools.cache
+def load_ge_allowlist() -> frozenset[str]:
+    """The committed set of op overloads with a working GE converter, e.g. ``"aten.mul.Tensor"``."""
+    with open(ALLOWLIST_PATH, encoding="utf-8") as f:
+        return frozenset(json.load(f)["ops"])
+
+
+def op_name(target: Any) -> str:
+    """``torch.ops.aten.mul.Tensor`` -> ``"aten.mul.Tensor"``; packets give ``"aten.mul"``.
+
+    Other callables give their qualified Python name (``"_operator.getitem"``).
+    """
+    if isinstance(target, torch._ops.OpOverload):
+        ns, _, name = target._schema.name.partition("::")
+        return f"{ns}.{name}.{target._overloadname}"
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        ns, _, name = target._qualified_op_name.partition("::")
+        return f"{ns}.{name}"
+    module = getattr(target, "__module__", None) or ""
+    qualname = getattr(target, "__qualname__", None) or getattr(target, "__name__", repr(target))
+    return f"{module}.{qualname}" if module else qualname
+
+
+def unsupported_ops(graph: torch.fx.Graph, allowlist: Iterable[str] | None = None) -> list[str]:
+    """Sorted aten/prims overloads called in ``graph`` that GE cannot convert.
+
+    Only ``call_function`` nodes whose target is an aten/prims ``OpOverload`` are checked;
+    ``operator.getitem`` and other Python callables are ignored. ``allowlist`` defaults to
+    :func:`load_ge_allowlist`.
+    """
+    allowed = load_ge_allowlist() if allowlist is None else frozenset(allowlist)
+    missing = set()
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is operator.getitem:
+            continue
+        if not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        name = op_name(node.target)
+        if name.split(".", 1)[0] in _NAMESPACES and name not in allowed:
+            missing.add(name)
+    return sorted(missing)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m npu_optim_compile.passes.ge_allowlist",
+        description="Regenerate (or --check) the GE converter allow-list from the torch_npu wheel.",
+    )
+    parser.add_argument("--wheel", type=Path, help="a torch_npu wheel (default: download once with pip)")
+    parser.add_argument("--output", type=Path, default=ALLOWLIST_PATH, help="JSON file to write/check")
+    parser.add_argument("--check", action="store_true", help="exit 1 if --output differs; write nothing")
+    parser.add_argument(
+        "--cache-dir", type=Path, default=None, help=f"download cache (default {default_cache_dir()})"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point; returns the exit status."""
+    args = _parse_args(argv)
+    try:
+        wheel = args.wheel or fetch_torch_npu_wheel(args.cache_dir)
+    except WheelUnavailableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    document = build_allowlist(wheel)
+    if not args.check:
+        args.output.write_text(_dumps(document), encoding="utf-8")
+        print(f"wrote {args.output}: {len(document['ops'])} ops from {document['wheel']}")
+        return 0
+    try:
+        committed = json.loads(args.output.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        print(f"error: cannot read {args.output}: {e}", file=sys.stderr)
+        return 1
+    stale = [k for k in ("torch_npu_version", "ops", "stubs") if committed.get(k) != document[k]]
+    if stale:
+        added = sorted(set(document["ops"]) - set(committed.get("ops", [])))
+        removed = sorted(set(committed.get("ops", [])) - set(document["ops"]))
+        print(
+            f"{args.output} is stale ({', '.join(stale)} differ; +{added[:10]} -{removed[:10]}). "
+            f"Regenerate: python -m npu_optim_compile.passes.ge_allowlist --wheel {wheel}",
+            file=sys.stderr,
+        )
+        return 1
+    if committed.get("wheel_sha256") != document["wheel_sha256"]:
+        print(f"note: same ops, read from another wheel ({document['wheel']})", file=sys.stderr)
+    print(f"{args.output} is up to date ({len(document['ops'])} ops)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

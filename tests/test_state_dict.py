@@ -1,0 +1,141 @@
+"""state_dict / load_state_dict in torch.optim.RMSprop's format, both ways."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from _util import TOLERANCES, assert_same_state, clone_params, make_params, set_grads
+from npu_optim_compile import NpuFusedRMSprop
+
+OPTIONS = {"momentum": 0.5, "centered": True, "weight_decay": 0.01}
+TOL = TOLERANCES[torch.float32]
+
+
+def roundtrip(obj):
+    """What a checkpoint does: torch.save then torch.load (no aliasing of live tensors)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def train(opt, params, steps, start=0):
+    for step in range(start, start + steps):
+        set_grads(step, params)
+        opt.step()
+
+
+@pytest.mark.parametrize("options", [{}, OPTIONS], ids=["default", "momentum_centered"])
+def test_format_matches_torch(options):
+    po = make_params()
+    pr = clone_params(po)
+    ours = NpuFusedRMSprop(po, **options, backend="eager")
+    ref = torch.optim.RMSprop(pr, **options)
+    train(ours, po, 2)
+    train(ref, pr, 2)
+    so, sr = ours.state_dict(), ref.state_dict()
+    assert so["param_groups"] == sr["param_groups"]
+    assert so["state"].keys() == sr["state"].keys()
+    for i in sr["state"]:
+        assert so["state"][i].keys() == sr["state"][i].keys()
+        for key, value in sr["state"][i].items():
+            got = so["state"][i][key]
+            assert isinstance(got, torch.Tensor)
+            assert (got.shape, got.dtype, got.device) == (value.shape, value.dtype, value.device), key
+
+
+@pytest.mark.parametrize("direction", ["torch_to_ours", "ours_to_torch"])
+def test_cross_load_and_continue(direction):
+    """Train 7 steps with one, load into the other, continue 8: equals torch throughout."""
+    po = make_params()
+    pr = clone_params(po)
+    first_cls, second_cls = (
+        (torch.optim.RMSprop, NpuFusedRMSprop)
+        if direction == "torch_to_ours"
+        else (NpuFusedRMSprop, torch.optim.RMSprop)
+    )
+    first = first_cls(po, **OPTIONS)
+    train(first, po, 7)
+    saved = roundtrip(first.state_dict())
+
+    cont_params = clone_params(po)
+    second = second_cls(cont_params, **OPTIONS)
+    second.load_state_dict(saved)
+    train(second, cont_params, 8, start=7)
+
+    ref = torch.optim.RMSprop(pr, **OPTIONS)  # the uninterrupted reference
+    train(ref, pr, 15)
+    assert_same_state(second, ref, cont_params, pr, **TOL)
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_checkpoint_resume_is_bitwise(backend):
+    po = make_params()
+    straight = NpuFusedRMSprop(po, **OPTIONS, backend=backend)
+    train(straight, po, 20)
+
+    pk = make_params()
+    first = NpuFusedRMSprop(pk, **OPTIONS, backend=backend)
+    train(first, pk, 9)
+    ckpt = roundtrip({"params": [p.detach() for p in pk], "opt": first.state_dict()})
+
+    resumed_params = [torch.nn.Parameter(t.clone()) for t in ckpt["params"]]
+    resumed = NpuFusedRMSprop(resumed_params, **OPTIONS, backend=backend)
+    resumed.load_state_dict(ckpt["opt"])
+    train(resumed, resumed_params, 11, start=9)
+    assert_same_state(resumed, straight, resumed_params, po, rtol=0, atol=0)
+
+
+def test_load_after_first_step_takes_effect():
+    """torch_npu's fused optimizers ignore a load after their first step; ours must not."""
+    pa = make_params()
+    a = NpuFusedRMSprop(pa, **OPTIONS, backend="eager")
+    train(a, pa, 1)  # buckets exist now
+
+    pb = clone_params(pa)
+    b = torch.optim.RMSprop(pb, **OPTIONS)
+    train(b, pb, 6, start=100)  # a different history
+    a.load_state_dict(roundtrip(b.state_dict()))
+    with torch.no_grad():
+        for p, q in zip(pa, pb):
+            p.copy_(q)
+    train(a, pa, 3, start=200)
+    train(b, pb, 3, start=200)
+    assert_same_state(a, b, pa, pb, **TOL)
+
+
+def test_loaded_state_is_copied_not_aliased():
+    po = make_params()
+    ours = NpuFusedRMSprop(po, backend="eager")
+    train(ours, po, 1)
+    src = torch.optim.RMSprop(clone_params(po))
+    train(src, src.param_groups[0]["params"], 2)
+    sd = src.state_dict()
+    ours.load_state_dict(sd)
+    train(ours, po, 1, start=50)
+    before = sd["state"][0]["square_avg"].clone()
+    train(ours, po, 1, start=51)
+    assert torch.equal(sd["state"][0]["square_avg"], before)
+
+
+def test_loading_torch_format_keeps_this_optimizers_variant_options():
+    """torch's state_dict has no variant keys; the loading optimizer keeps its own."""
+    from npu_optim_compile import NpuFusedRMSpropTF
+
+    pa = make_params()
+    a = NpuFusedRMSpropTF(pa, momentum=0.5, decoupled_decay=True, weight_decay=0.1, backend="eager")
+    train(a, pa, 4)
+    saved = roundtrip(a.state_dict())
+    for group in saved["param_groups"]:  # what a torch.optim.RMSprop checkpoint looks like
+        for key in ("eps_in_sqrt", "initial_square_avg", "lr_in_momentum", "decoupled_weight_decay"):
+            group.pop(key, None)
+    pb = clone_params(pa)
+    b = NpuFusedRMSpropTF(pb, momentum=0.5, decoupled_decay=True, weight_decay=0.1, backend="eager")
+    b.load_state_dict(saved)
+    assert b.param_groups[0]["eps_in_sqrt"] is True and b.param_groups[0]["lr_in_momentum"] is True
+    train(a, pa, 3, start=4)
+    train(b, pb, 3, start=4)
+    assert_same_state(b, a, pb, pa, rtol=0, atol=0)
