@@ -445,7 +445,8 @@ class NpuFusedRMSprop(Optimizer):
     def get_combined_params(self) -> list[Tensor]:
         """The flat param buffers, one per (param group, device, dtype) bucket, of the
         params that have a grad now (torch_npu's ``get_combined_params``; torch_npu
-        combines per dtype across groups). Every such param is a view of one of them."""
+        combines per dtype across groups). Each such param is a view of one of them, except
+        params on the per-tensor path (memory owned elsewhere, non-dense, zero-size)."""
         return [b.param for layout in self._layouts_now() for b in layout.buckets]
 
     def get_combined_grads(self) -> list[Tensor]:
