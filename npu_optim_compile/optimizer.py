@@ -57,6 +57,11 @@ def _validate_hyperparameters(lr, alpha, eps, weight_decay, momentum) -> None:
         raise ValueError(f"Invalid alpha value: {alpha}")
 
 
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"Invalid {name}: {value!r}. Choose one of {', '.join(map(repr, choices))}")
+
+
 def _hyper_dtype(device: torch.device) -> torch.dtype:
     # float64 reproduces torch's Python-float arithmetic (1 - alpha, -lr) exactly; the
     # Ascend graph engines handle float32 scalars best.
@@ -208,10 +213,8 @@ class NpuFusedRMSprop(Optimizer):
         dump_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         _validate_hyperparameters(lr, alpha, eps, weight_decay, momentum)
-        if npu_mode not in NPU_MODES:
-            raise ValueError(
-                f"Invalid npu_mode: {npu_mode!r}. Choose one of {', '.join(map(repr, NPU_MODES))}"
-            )
+        _check_choice("backend", backend, BACKENDS)
+        _check_choice("npu_mode", npu_mode, NPU_MODES)
         check_options(
             momentum_buffers=momentum > 0,
             nesterov=nesterov,
@@ -227,10 +230,6 @@ class NpuFusedRMSprop(Optimizer):
             bias_correction=bias_correction,
             loss_scale=loss_scale,
         )
-        if backend not in BACKENDS:
-            raise ValueError(
-                f"Invalid backend: {backend!r}. Choose one of {', '.join(map(repr, BACKENDS))}"
-            )
         if backend == "torchair":  # fail now, saying what is missing, not at the first step
             require_torchair("NpuFusedRMSprop(backend='torchair')")
         self.backend = backend

@@ -147,6 +147,8 @@ def test_torch_grad_scaler_uses_the_new_contract_without_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         scaler.step(ours)
+    assert float(ours.state[po[0]]["step"]) == 1  # the step ran, through the new contract
+    assert not hasattr(ours, "grad_scale")  # GradScaler removed what it set
 
 
 def test_step_rejects_unknown_keywords():

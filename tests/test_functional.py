@@ -69,8 +69,8 @@ def test_complex_matches_view_as_real():
 
 
 def test_empty_lists_are_a_no_op():
-    rmsprop_step([], [], [], None, None, lr=0.1, alpha=0.9, eps=1e-8, weight_decay=0,
-                 momentum=0, centered=False, maximize=False)
+    assert rmsprop_step([], [], [], None, None, lr=0.1, alpha=0.9, eps=1e-8, weight_decay=0,
+                        momentum=0, centered=False, maximize=False) is None
 
 
 @pytest.mark.parametrize(
