@@ -14,7 +14,7 @@ from ._buckets import GroupLayout
 from ._compile import BACKENDS, StepKey, get_bucket_step
 from ._dump import bucket_context, resolve_dump_dir
 from ._torchair import MODES as NPU_MODES
-from ._npu import require_torchair
+from ._npu import npu_status, require_torchair
 from ._ownership import local_tensors
 from ._state import TrackedState, track
 from ._traced import init_group_for_dynamo, traced_step, traced_zero_grad
@@ -232,6 +232,9 @@ class NpuFusedRMSprop(Optimizer):
         )
         if backend == "torchair":  # fail now, saying what is missing, not at the first step
             require_torchair("NpuFusedRMSprop(backend='torchair')")
+            status = npu_status()
+            if not status.available:
+                raise RuntimeError(f"NpuFusedRMSprop(backend='torchair') needs an Ascend NPU: {status.reason}")
         self.backend = backend
         self.npu_mode = npu_mode
         self.dump_dir = resolve_dump_dir(dump_dir)

@@ -205,6 +205,18 @@ def test_torchair_backend_without_torch_npu_says_what_is_missing():
         NpuFusedRMSprop(make_params(), backend="torchair")
 
 
+def test_torchair_backend_without_an_npu_says_so(monkeypatch):
+    """torch_npu and torchair import, but no NPU is visible: a clear error."""
+    import npu_optim_compile.optimizer as optimizer_mod
+    from npu_optim_compile._npu import NpuStatus
+
+    monkeypatch.setattr(optimizer_mod, "require_torchair", lambda what: object())
+    monkeypatch.setattr(optimizer_mod, "npu_status",
+                        lambda: NpuStatus(False, "torch_npu imported but no NPU device is visible", "2.13.0"))
+    with pytest.raises(RuntimeError, match="needs an Ascend NPU: torch_npu imported but no NPU device"):
+        NpuFusedRMSprop(make_params(), backend="torchair")
+
+
 def test_auto_backend_picks_by_device_type():
     from types import SimpleNamespace
 

@@ -21,6 +21,7 @@ import npu_optim_compile.optimizer as optimizer_mod
 from _util import TOLERANCES, assert_same_state, clone_params, make_params, set_grads
 from npu_optim_compile import NpuFusedRMSprop, _compile
 from npu_optim_compile._compile import FLAGS, StepKey, _make_python_step
+from npu_optim_compile._npu import NpuStatus
 from npu_optim_compile.passes import fuse_foreach_ops
 from npu_optim_compile.passes.ge_allowlist import unsupported_ops
 
@@ -67,6 +68,7 @@ def fake_torchair(monkeypatch):
     fake = make_fake_torchair(record)
     monkeypatch.setattr(torchair_mod, "require_torchair", lambda what: fake)
     monkeypatch.setattr(optimizer_mod, "require_torchair", lambda what: fake)
+    monkeypatch.setattr(optimizer_mod, "npu_status", lambda: NpuStatus(True, "a fake NPU", "2.13.0"))
     _compile.clear_cache()
     yield record
     _compile.clear_cache()
