@@ -86,7 +86,10 @@ class Bucket:
     grad_slots: list[Tensor] = field(repr=False)
     #: The hyperparameter tensor the optimizer keeps for this bucket (see optimizer.py).
     hyper: Any = field(default=None, init=False, repr=False)
-    #: The name of the compiled step this bucket ran last (``StepKey.name()``).
+    #: The compiled step this bucket ran last, what it was chosen for, and its name
+    #: (``StepKey.name()``); see ``NpuFusedRMSprop._bucket_step``.
+    step_fn: Any = field(default=None, init=False, repr=False)
+    step_signature: tuple = field(default=(), init=False, repr=False)
     graph: str = field(default="", init=False, repr=False)
     #: What the bucket step receives: the param, grad, square_avg, grad_avg and
     #: momentum_buffer buffers as real tensors (None for roles not in use), built once.
@@ -108,10 +111,6 @@ class Bucket:
     @property
     def device(self) -> torch.device:
         return self.param.device
-
-    @property
-    def math_dtype(self) -> torch.dtype:
-        return _math_view(self.param).dtype
 
     @staticmethod
     def gather(params: list[Tensor], states: dict, roles: tuple[str, ...]) -> Bucket:

@@ -584,17 +584,7 @@ class NpuFusedRMSprop(Optimizer):
             if "bias_correction" in flags:  # the bucket's step count, copied on the device
                 hyper[-1].copy_(bucket.steps[0])
             scale = None if grad_scale is None else grad_scale.to(bucket.device, non_blocking=True)
-            backend = self._resolve_backend(bucket.device)
-            key = StepKey(
-                backend,
-                bucket.device.type,
-                bucket.math_dtype,
-                flags,
-                mode=self.npu_mode if backend == "torchair" else "",
-                dump_dir=self.dump_dir,
-            )
-            step = get_bucket_step(key)
-            bucket.graph = key.name()
+            step = self._bucket_step(bucket, flags)
             if self.dump_dir:
                 with bucket_context(self.describe_buckets()):
                     step(*bucket.step_args, hyper, scale, skip)
@@ -607,6 +597,17 @@ class NpuFusedRMSprop(Optimizer):
         if layout.loose:  # params that cannot be views of a flat buffer: plain foreach
             self._step_loose(layout.loose, group, options, grad_scale, found_inf)
             torch.autograd.graph.increment_version(layout.loose)
+
+    def _bucket_step(self, bucket, flags: frozenset[str]):
+        """The compiled step for ``bucket`` and these flags, kept on the bucket while the
+        flags, backend, mode and dump folder stay the same (the common case: every step)."""
+        backend = self._resolve_backend(bucket.device)
+        mode = self.npu_mode if backend == "torchair" else ""
+        signature = (flags, backend, mode, self.dump_dir)
+        if bucket.step_fn is None or bucket.step_signature != signature:
+            key = StepKey(backend, bucket.device.type, bucket.step_args[0].dtype, flags, mode=mode, dump_dir=self.dump_dir)
+            bucket.step_fn, bucket.step_signature, bucket.graph = get_bucket_step(key), signature, key.name()
+        return bucket.step_fn
 
     def _step_loose(self, params, group, options, grad_scale, found_inf) -> None:
         # DTensors (FSDP2) are updated through their local shards; their state stays DTensor.
