@@ -13,6 +13,7 @@ not, or if the loss did not fall.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -85,6 +86,12 @@ def main(argv=None) -> int:
     fell = losses[-1] < losses[0]
     if rank == 0:
         print(f"final loss {losses[-1]:.4f} (first {losses[0]:.4f}); params identical on {world} ranks: {agree}")
+    # Free DDP's reducer while the process group is alive. Freed at interpreter exit
+    # instead, it can drop the group's last reference and deadlock torch 2.13's gloo
+    # teardown (its destructor joins a worker thread that waits for the GIL).
+    del model, opt
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
     return 0 if agree and fell else 1
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,15 @@ def test_ddp_train_example_under_torchrun():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(ROOT / "examples" / "ddp_train.py"), "--steps", "30", "--lr", "3e-3", "--backend", "eager"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    out = proc.stdout + proc.stderr
+    # A session of its own: on a timeout the launcher *and* its workers are killed.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not finish in 240 s:\n{(stdout + stderr)[-4000:]}")
+    out = stdout + stderr
     assert proc.returncode == 0, out[-4000:]
-    assert "params identical on 2 ranks: True" in proc.stdout, out[-4000:]
+    assert "params identical on 2 ranks: True" in stdout, out[-4000:]
