@@ -10,7 +10,7 @@ Modes (``CompilerConfig.mode``):
 
 - ``"max-autotune"``: torchair converts the FX graph to a CANN Graph Engine (GE) graph.
   Every aten op needs a working GE converter, see
-  :mod:`npu_optim_compile.passes.ge_allowlist`.
+  :mod:`npu_optim_compile.passes.ge_ops`.
 - ``"reduce-overhead"`` (deprecated by torchair) and ``"npugraph_ex"``: the graph runs
   op by op with eager NPU kernels and is captured into an ACL graph that is replayed.
 

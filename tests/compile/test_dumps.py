@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from _util import make_params, set_grads
+from parity import make_params, set_grads
 from npu_optim_compile import NpuFusedRMSprop
 from npu_optim_compile._dump import DUMP_ENV
 

@@ -18,12 +18,12 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import npu_optim_compile._torchair as torchair_mod
 import npu_optim_compile.optimizer as optimizer_mod
-from _util import TOLERANCES, assert_same_state, clone_params, make_params, set_grads
+from parity import TOLERANCES, assert_same_state, clone_params, make_params, set_grads
 from npu_optim_compile import NpuFusedRMSprop, _compile
 from npu_optim_compile._compile import FLAGS, StepKey, _make_python_step
 from npu_optim_compile._npu import NpuStatus
 from npu_optim_compile.passes import fuse_foreach_ops
-from npu_optim_compile.passes.ge_allowlist import unsupported_ops
+from npu_optim_compile.passes.ge_ops import unsupported_ops
 
 
 class FakeConfig(types.SimpleNamespace):

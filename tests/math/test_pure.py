@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.func import functional_call, grad
 
-from _util import TOLERANCES, make_params, set_grads
+from parity import TOLERANCES, make_params, set_grads
 from npu_optim_compile import NpuFusedRMSprop, RMSpropState, rmsprop_init, rmsprop_update
 
 OPTIONS = [

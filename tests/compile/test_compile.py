@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _util import make_params, set_grads
+from parity import make_params, set_grads
 from npu_optim_compile import NpuFusedRMSprop, rmsprop_step
 from npu_optim_compile import _compile
 

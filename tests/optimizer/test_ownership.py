@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from _util import TOLERANCES, clone_params, make_params, set_grads
+from parity import TOLERANCES, clone_params, make_params, set_grads
 from npu_optim_compile import NpuFusedRMSprop
 from npu_optim_compile._ownership import is_foreign
 

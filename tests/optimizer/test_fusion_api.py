@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _util import TOLERANCES, assert_same_state, clone_params, make_params, set_grads
+from parity import TOLERANCES, assert_same_state, clone_params, make_params, set_grads
 from npu_optim_compile import NpuFusedRMSprop
 
 

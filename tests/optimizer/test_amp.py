@@ -7,7 +7,7 @@ import contextlib
 import pytest
 import torch
 
-from _util import TOLERANCES, assert_same_state, clone_params, make_params
+from parity import TOLERANCES, assert_same_state, clone_params, make_params
 from npu_optim_compile import NpuFusedRMSprop
 
 OPTIONS = dict(momentum=0.5, centered=True, weight_decay=0.01)

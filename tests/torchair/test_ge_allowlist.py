@@ -1,4 +1,4 @@
-"""passes.ge_allowlist: the committed list, the graph check, and regeneration from the wheel."""
+"""The GE allow-list: the committed list (passes/ge_ops.py), the graph check, and regeneration from the wheel (tools/ge_allowlist.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from npu_optim_compile.passes import ge_allowlist as gal
+import ge_allowlist as gal
+from npu_optim_compile.passes import ge_ops
 
 aten = torch.ops.aten
 
@@ -43,17 +44,17 @@ NO_CONVERTER = [
 
 @pytest.fixture(scope="module")
 def committed():
-    return json.loads(gal.ALLOWLIST_PATH.read_text(encoding="utf-8"))
+    return json.loads(ge_ops.ALLOWLIST_PATH.read_text(encoding="utf-8"))
 
 
 @pytest.mark.parametrize("name", EXPECTED_WORKING)
 def test_expected_ops_are_allowed(name):
-    assert name in gal.load_ge_allowlist()
+    assert name in ge_ops.load_ge_allowlist()
 
 
 @pytest.mark.parametrize("name", EXPECTED_BROKEN + NO_CONVERTER)
 def test_broken_ops_are_not_allowed(name):
-    assert name not in gal.load_ge_allowlist()
+    assert name not in ge_ops.load_ge_allowlist()
 
 
 def test_stubs_and_missing_are_told_apart(committed):
@@ -75,20 +76,20 @@ def test_committed_file_is_consistent(committed):
 
 
 def test_every_allowed_name_is_a_real_op_in_this_torch():
-    for name in gal.load_ge_allowlist():
+    for name in ge_ops.load_ge_allowlist():
         obj = torch.ops
         for part in name.split("."):
             obj = getattr(obj, part)
         assert isinstance(obj, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)), name
-        assert gal.op_name(obj) == name
+        assert ge_ops.op_name(obj) == name
 
 
 def test_op_name():
-    assert gal.op_name(aten.mul.Tensor) == "aten.mul.Tensor"
-    assert gal.op_name(aten._foreach_add.List) == "aten._foreach_add.List"
-    assert gal.op_name(torch.ops.prims.convert_element_type.default) == "prims.convert_element_type.default"
-    assert gal.op_name(aten.sym_size) == "aten.sym_size"
-    assert gal.op_name(operator.getitem) == "_operator.getitem"
+    assert ge_ops.op_name(aten.mul.Tensor) == "aten.mul.Tensor"
+    assert ge_ops.op_name(aten._foreach_add.List) == "aten._foreach_add.List"
+    assert ge_ops.op_name(torch.ops.prims.convert_element_type.default) == "prims.convert_element_type.default"
+    assert ge_ops.op_name(aten.sym_size) == "aten.sym_size"
+    assert ge_ops.op_name(operator.getitem) == "_operator.getitem"
 
 
 def _rmsprop_like(p, g, v):
@@ -104,7 +105,7 @@ def test_unsupported_ops_on_traced_graph():
     gm = make_fx(_rmsprop_like)(torch.rand(4), torch.rand(4), torch.rand(4))
     targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
     assert operator.getitem in targets  # the check must skip it
-    assert gal.unsupported_ops(gm.graph) == [
+    assert ge_ops.unsupported_ops(gm.graph) == [
         "aten._foreach_sqrt.default",
         "aten.lerp.Tensor",
         "aten.sub.Scalar",
@@ -117,8 +118,8 @@ def test_unsupported_ops_ignores_python_callables_and_takes_a_custom_list():
     y = graph.call_function(operator.add, (x, x))
     z = graph.call_function(aten.mul.Tensor, (y, x))
     graph.output(graph.call_function(torch.ops.prims.add.default, (z, z)))
-    assert gal.unsupported_ops(graph) == []
-    assert gal.unsupported_ops(graph, allowlist=["aten.mul.Tensor"]) == ["prims.add.default"]
+    assert ge_ops.unsupported_ops(graph) == []
+    assert ge_ops.unsupported_ops(graph, allowlist=["aten.mul.Tensor"]) == ["prims.add.default"]
 
 
 def test_scan_rule_on_synthetic_sources():
@@ -172,7 +173,7 @@ def test_generator_reproduces_committed_file(torch_npu_wheel, committed):
 
 def test_cli_check_and_regenerate(torch_npu_wheel, committed, tmp_path, capsys):
     target = tmp_path / "allow.json"
-    shutil.copy(gal.ALLOWLIST_PATH, target)
+    shutil.copy(ge_ops.ALLOWLIST_PATH, target)
     assert gal.main(["--wheel", str(torch_npu_wheel), "--output", str(target), "--check"]) == 0
     document = json.loads(target.read_text())
     document["ops"].remove("aten.mul.Tensor")
@@ -199,3 +200,15 @@ def test_fetch_failure_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(gal.subprocess, "run", offline)
     with pytest.raises(gal.WheelUnavailableError, match="No matching distribution.*--wheel PATH"):
         gal.fetch_torch_npu_wheel(tmp_path)
+
+
+def test_tool_runs_as_a_script():
+    """``python tools/ge_allowlist.py`` as the docs say (imports resolve outside pytest)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(gal.__file__)
+    proc = subprocess.run([sys.executable, str(tool), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--check" in proc.stdout

@@ -9,7 +9,7 @@ import torch
 from npu_fakes import AUTOLOAD, FakeFinder, fake_torch_npu_ok, fake_torchair_body
 
 from npu_optim_compile import _npu
-from npu_optim_compile.passes import ge_allowlist
+import ge_allowlist
 
 
 @pytest.fixture

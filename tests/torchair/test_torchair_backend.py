@@ -12,7 +12,7 @@ import torch
 from npu_fakes import changed_options, fake_npu_backend
 
 from npu_optim_compile import _torchair
-from npu_optim_compile.passes import ge_allowlist
+import ge_allowlist
 
 TORCHAIR = "torch_npu/dynamo/torchair"
 ALL_MODES = ["max-autotune", "reduce-overhead", "npugraph_ex"]

@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from _util import TOLERANCES, assert_same_state, clone_params, make_params, set_grads
+from parity import TOLERANCES, assert_same_state, clone_params, make_params, set_grads
 from npu_optim_compile import NpuFusedRMSprop
 
 OPTIONS = {"momentum": 0.5, "centered": True, "weight_decay": 0.01}

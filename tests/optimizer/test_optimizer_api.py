@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.testing._internal.common_optimizers import optim_error_inputs_func_rmsprop
 
-from _util import TOLERANCES, assert_same_state, clone_params, make_params, set_grads
+from parity import TOLERANCES, assert_same_state, clone_params, make_params, set_grads
 from npu_optim_compile import NpuFusedRMSprop
 
 TOL = TOLERANCES[torch.float32]

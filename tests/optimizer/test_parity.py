@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing._internal.common_optimizers import optim_inputs_func_rmsprop
 
-from _util import SHAPES, TOLERANCES, assert_same_state, clone_params, make_params, run_side_by_side, set_grads
+from parity import SHAPES, TOLERANCES, assert_same_state, clone_params, make_params, run_side_by_side, set_grads
 from npu_optim_compile import NpuFusedRMSprop
 
 TORCH_CONFIGS = optim_inputs_func_rmsprop("cpu")
