@@ -12,9 +12,9 @@ Importing this package never imports torch_npu or torchair.
 
 from .functional import rmsprop_step
 from .optimizer import NpuFusedRMSprop
-from .pure import PureRMSprop, RMSpropState, optax_rmsprop, rmsprop_init, rmsprop_update
+from .presets import NpuFusedRMSpropTF, optax_rmsprop
+from .pure import PureRMSprop, RMSpropState, rmsprop_init, rmsprop_update
 from .train_step import compile_train_step
-from .variants import NpuFusedRMSpropTF
 
 __all__ = [
     "NpuFusedRMSprop",

@@ -257,65 +257,12 @@ class NpuFusedRMSprop(Optimizer):
         self.state = track(self.state)
 
     @classmethod
-    def from_mindspore(
-        cls,
-        params: ParamsT,
-        learning_rate: float = 0.1,
-        decay: float = 0.9,
-        momentum: float = 0.0,
-        epsilon: float = 1e-10,
-        use_locking: bool = False,
-        centered: bool = False,
-        loss_scale: float = 1.0,
-        weight_decay: float = 0.0,
-        **options: Any,
-    ) -> NpuFusedRMSprop:
-        r"""``mindspore.nn.RMSProp``'s update, with its argument names and defaults.
+    def from_mindspore(cls, params: ParamsT, *args: Any, **kwargs: Any) -> NpuFusedRMSprop:
+        """``mindspore.nn.RMSProp``'s update with its argument names and defaults: see
+        :func:`npu_optim_compile.presets.from_mindspore`."""
+        from .presets import from_mindspore  # presets builds on this module
 
-        .. math::
-
-            \begin{aligned}
-            g &\leftarrow (g + \lambda\theta) / s, \qquad s_0 = 1 \text{ (mean square)} \\
-            v &\leftarrow \rho v + (1 - \rho) g^2, \qquad
-                m \leftarrow \beta m + \eta\, g / \sqrt{v + \epsilon}
-                \ \ (\text{centered: } \sqrt{v - \bar g^2 + \epsilon}), \qquad
-                \theta \leftarrow \theta - m
-            \end{aligned}
-
-        with :math:`\eta` = ``learning_rate``, :math:`\rho` = ``decay``, :math:`\beta` =
-        ``momentum``, :math:`s` = ``loss_scale``, :math:`\lambda` = ``weight_decay``.
-        MindSpore adds the L2 term to the *scaled* gradient and then divides by the loss
-        scale, so the decay here is ``weight_decay / loss_scale``. MindSpore decays only
-        params whose names contain neither ``beta`` nor ``gamma``: pass named parameters
-        (``model.named_parameters()``) to get the same split; for plain tensors every
-        param is decayed. ``use_locking`` has no meaning in PyTorch and is ignored.
-        Keyword options of :class:`NpuFusedRMSprop` (``backend``, ...) pass through.
-        """
-        del use_locking
-        if not epsilon > 0:
-            raise ValueError(f"Invalid epsilon value: {epsilon} (MindSpore's RMSProp needs epsilon > 0)")
-        if not loss_scale > 0:
-            raise ValueError(f"Invalid loss_scale value: {loss_scale} (must be > 0)")
-        params = list(params)
-        if params and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in params):
-            exempt = ["beta" in name or "gamma" in name for name, _ in params]
-            no_decay = [p for p, skip in zip(params, exempt) if skip]
-            decay_params = [p for p, skip in zip(params, exempt) if not skip]
-            params = [g for g in ({"params": decay_params}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-        return cls(
-            params,
-            lr=learning_rate,
-            alpha=decay,
-            eps=epsilon,
-            weight_decay=weight_decay / loss_scale,
-            momentum=momentum,
-            centered=centered,
-            eps_in_sqrt=True,
-            initial_square_avg=1.0,
-            lr_in_momentum=True,
-            loss_scale=loss_scale,
-            **options,
-        )
+        return from_mindspore(params, *args, optimizer_class=cls, **kwargs)
 
     # -- torch.optim.Optimizer API -------------------------------------------------
 

@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 
 from .functional import Scalar, rmsprop_step
 
-__all__ = ["PureRMSprop", "RMSpropState", "optax_rmsprop", "rmsprop_init", "rmsprop_update"]
+__all__ = ["PureRMSprop", "RMSpropState", "rmsprop_init", "rmsprop_update"]
 
 PyTree = Any
 
@@ -197,50 +197,6 @@ class PureRMSprop(NamedTuple):
 
     init: Callable[[PyTree], RMSpropState]
     update: Callable[[PyTree, PyTree, RMSpropState], tuple[PyTree, RMSpropState]]
-
-
-def optax_rmsprop(
-    learning_rate: Scalar,
-    decay: float = 0.9,
-    eps: float = 1e-8,
-    initial_scale: float = 0.0,
-    eps_in_sqrt: bool = True,
-    centered: bool = False,
-    momentum: float | None = None,
-    nesterov: bool = False,
-    bias_correction: bool = False,
-) -> PureRMSprop:
-    r"""``optax.rmsprop``'s update, with its arguments and defaults, on :func:`rmsprop_update`.
-
-    optax composes ``scale_by_rms`` (or ``scale_by_stddev`` when centered),
-    ``scale_by_learning_rate`` and, with a momentum, ``trace``: so :math:`\epsilon` is
-    inside the root by default and the learning rate is inside the momentum trace::
-
-        alpha=decay, eps=eps, initial_square_avg=initial_scale, eps_in_sqrt=eps_in_sqrt,
-        centered=centered, momentum=momentum or 0, nesterov=nesterov,
-        bias_correction=bias_correction, lr_in_momentum=True
-
-    Example::
-
-        opt = optax_rmsprop(1e-3, momentum=0.9, nesterov=True)
-        state = opt.init(params)
-        params, state = opt.update(params, grads, state)
-
-    Unlike optax, ``update`` returns the new params rather than the updates to add.
-    """
-    mu = 0.0 if momentum is None else momentum
-
-    def init(params: PyTree) -> RMSpropState:
-        return rmsprop_init(params, momentum=mu, centered=centered, initial_square_avg=initial_scale)
-
-    def update(params: PyTree, grads: PyTree, state: RMSpropState) -> tuple[PyTree, RMSpropState]:
-        return rmsprop_update(
-            params, grads, state, lr=learning_rate, alpha=decay, eps=eps, momentum=mu,
-            centered=centered, eps_in_sqrt=eps_in_sqrt, lr_in_momentum=True,
-            nesterov=nesterov, bias_correction=bias_correction,
-        )
-
-    return PureRMSprop(init, update)
 
 
 def _check_leaves(leaves: list[Any], what: str) -> None:
