@@ -1,35 +1,53 @@
 """Flat buffers ("tensor fusion"): one buffer per role and (param group, device, dtype).
 
-A :class:`Bucket` owns one flat buffer for the params, one for the grads and one per
-state buffer (``square_avg``, ``grad_avg``, ``momentum_buffer``), plus a flat float
-buffer of step counts. Each parameter, its ``.grad`` and its state tensors are
-re-pointed to views of those buffers, so one fused kernel updates the whole bucket.
+A :class:`Bucket` owns one flat buffer for the params, one for the grads, one per state
+buffer (``square_avg``, ``grad_avg``, ``momentum_buffer``) and a flat float buffer of
+step counts. Each parameter and its state tensors are re-pointed to views of those
+buffers, so one fused kernel updates the whole bucket.
+
+Grads are never re-pointed by a step (PyTorch's contract: ``step()`` leaves each
+``p.grad`` object and its autograd version untouched). Before each step the bucket
+gathers the grads that do not already live in their slot of the flat grad buffer with
+one C-level copy; ``zero_grad(set_to_none=False)``, where torch itself writes into the
+grads, re-points them into their slots (``NpuFusedRMSprop.zero_grad``), after which
+backward accumulates straight into the flat buffer and the copy is skipped.
 
 The per-parameter tensors (``p``, ``p.grad``, ``optimizer.state[p][...]``) stay the
-source of truth. When one of them no longer lives where the bucket put it (a fresh
-``.grad`` after ``zero_grad(set_to_none=True)``, ``p.data = ...``, ``model.to()``, a
-``load_state_dict``), the bucket notices by data pointer and gathers again: nothing is
-silently lost, the fast path is simply the common path.
+source of truth. :class:`GroupLayout` records where each of them lived after the last
+step; when one of them moved (``p.data = ...``, ``model.to()``, ``x.data = ...`` or
+``x.set_(...)`` on a state tensor, a ``load_state_dict``), the group is gathered again
+from the per-parameter tensors: nothing is silently lost.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 import operator
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from itertools import compress, repeat
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
+
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ._ownership import is_foreign, is_ours, register_flat, storage_key
+from ._validation import check_param_dtype, check_sparse
+from .options import STATE_ROLES
 
-__all__ = ["Bucket", "GroupLayout", "STATE_ROLES"]
+__all__ = ["Bucket", "GroupLayout", "init_state", "take"]
 
-#: State buffers, in the order the step receives them.
-STATE_ROLES = ("square_avg", "grad_avg", "momentum_buffer")
+_DATA_PTR = Tensor.data_ptr
+_GRAD = operator.attrgetter("grad")
+
+
+def take(indices: Sequence[int]) -> Callable[[Sequence], tuple]:
+    """``lambda xs: tuple(xs[i] for i in indices)``, in C."""
+    if len(indices) == 1:
+        (i,) = indices
+        return lambda xs: (xs[i],)
+    return operator.itemgetter(*indices)
 
 
 def is_non_overlapping_and_dense(t: Tensor) -> bool:
@@ -42,10 +60,6 @@ def is_non_overlapping_and_dense(t: Tensor) -> bool:
             return False
         expected *= size
     return True
-
-
-def _ptrs(tensors: Iterable[Tensor]) -> tuple[int, ...]:
-    return tuple(map(storage_key, tensors))
 
 
 def _slot(flat: Tensor, like: Tensor, offset: int) -> Tensor:
@@ -73,27 +87,25 @@ def init_state(state: dict, p: Tensor, roles: Sequence[str], initial_square_avg:
             state[role] = torch.full_like(p, fill, memory_format=torch.preserve_format)
 
 
-@dataclass
+@dataclass(eq=False)
 class Bucket:
-    """Flat buffers for params of one device and dtype within one param group."""
+    """Flat buffers for the params of one device and dtype within one param group."""
 
     params: list[Tensor]
+    #: Positions of ``params`` among the group's params that have a grad.
+    indices: tuple[int, ...]
     roles: tuple[str, ...]
     param: Tensor
     grad: Tensor
     state: dict[str, Tensor]
     steps: Tensor
-    grad_slots: list[Tensor] = field(repr=False)
-    #: The hyperparameter tensor the optimizer keeps for this bucket (see optimizer.py).
-    hyper: Any = field(default=None, init=False, repr=False)
-    #: The compiled step this bucket ran last, what it was chosen for, and its name
-    #: (``StepKey.name()``); see ``NpuFusedRMSprop._bucket_step``.
-    step_fn: Any = field(default=None, init=False, repr=False)
-    step_signature: tuple = field(default=(), init=False, repr=False)
-    graph: str = field(default="", init=False, repr=False)
-    #: What the bucket step receives: the param, grad, square_avg, grad_avg and
-    #: momentum_buffer buffers as real tensors (None for roles not in use), built once.
+    #: Each param's slot in ``grad`` (what zero_grad(set_to_none=False) makes p.grad).
+    slots: list[Tensor] = field(repr=False)
+    #: What the compiled step receives: the param, grad, square_avg, grad_avg and
+    #: momentum_buffer buffers as real tensors (None for roles not in use).
     step_args: list[Tensor | None] = field(init=False, repr=False)
+    slot_ptrs: tuple[int, ...] = field(init=False, repr=False)
+    take_grads: Callable[[Sequence], tuple] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         def arg(flat: Tensor | None) -> Tensor | None:
@@ -104,28 +116,27 @@ class Bucket:
             torch._dynamo.maybe_mark_dynamic(view, 0)
             return view
 
-        self.step_args = [arg(self.param), arg(self.grad)] + [
-            arg(self.state.get(role)) for role in STATE_ROLES
-        ]
+        self.step_args = [arg(self.param), arg(self.grad)] + [arg(self.state.get(role)) for role in STATE_ROLES]
+        self.slot_ptrs = tuple(map(_DATA_PTR, self.slots))
+        self.take_grads = take(self.indices)
 
     @property
     def device(self) -> torch.device:
         return self.param.device
 
+    @property
+    def numel(self) -> int:
+        return self.param.numel()
+
     @staticmethod
-    def gather(params: list[Tensor], states: dict, roles: tuple[str, ...]) -> Bucket:
-        """Allocate the flat buffers, copy every current tensor in, and re-point.
+    def gather(params: list[Tensor], indices: tuple[int, ...], states: dict, roles: tuple[str, ...]) -> Bucket:
+        """Allocate the flat buffers, copy params and state in, and re-point them.
 
         ``params`` share one device and dtype and are non-overlapping and dense; their
-        state dicts already hold every role in ``roles``.
+        state dicts already hold every role in ``roles``. Grads are not touched.
         """
         first = params[0]
         total = sum(p.numel() for p in params)
-        offsets = []
-        offset = 0
-        for p in params:
-            offsets.append(offset)
-            offset += p.numel()
 
         def new_flat() -> Tensor:
             return register_flat(torch.empty(total, dtype=first.dtype, device=first.device))
@@ -136,25 +147,23 @@ class Bucket:
         # so that an AMP skip (a device tensor) updates them without a synchronisation.
         steps_device = first.device if first.device.type != "cpu" else torch.device("cpu")
         steps = torch.empty(len(params), dtype=_get_scalar_dtype(), device=steps_device)
-        grad_slots = []
+        slots = []
+        offset = 0
         with torch.no_grad():
-            for i, (p, off) in enumerate(zip(params, offsets)):
+            for i, p in enumerate(params):
                 st = states[p]
-                view = _slot(flat_param, p, off)
+                view = _slot(flat_param, p, offset)
                 view.copy_(p)
                 p.data = view
-                gslot = _slot(flat_grad, p, off)
-                gslot.copy_(p.grad)
-                if not is_foreign(p.grad):  # else copied in before each step (_ownership.py)
-                    p.grad = gslot
-                grad_slots.append(gslot)
+                slots.append(_slot(flat_grad, p, offset))
                 for role in roles:
-                    sview = _slot(flat_state[role], p, off)
+                    sview = _slot(flat_state[role], p, offset)
                     sview.copy_(st[role])
                     st[role] = sview
                 steps[i] = st["step"]
                 st["step"] = steps[i]
-        return Bucket(params, roles, flat_param, flat_grad, flat_state, steps, grad_slots)
+                offset += p.numel()
+        return Bucket(params, indices, roles, flat_param, flat_grad, flat_state, steps, slots)
 
     def owns(self, t: Tensor) -> bool:
         """Whether ``t`` lives in one of this bucket's buffers."""
@@ -167,23 +176,59 @@ class Bucket:
                 return True
         return False
 
+    def load_grads(self, grads: Sequence[Tensor], ptrs: Sequence[int]) -> None:
+        """Make the flat grad buffer hold ``grads`` (this bucket's params' ``.grad``):
+        one C-level copy of those that do not live in their slot, none when all do.
+
+        The copy does not bump the autograd version the slots share: a grad that lives
+        in its slot (after ``zero_grad(set_to_none=False)``) is never written by a step.
+        ``ptrs``: the grads' data pointers. Raises ``RuntimeError`` for a grad whose
+        shape differs from its param's.
+        """
+        if ptrs == self.slot_ptrs:
+            return
+        moved = list(map(operator.ne, ptrs, self.slot_ptrs))
+        if all(moved):
+            slots, sources = self.slots, list(grads)
+        else:
+            slots, sources = list(compress(self.slots, moved)), list(compress(grads, moved))
+        lo, hi = self.grad.data_ptr(), self.grad.data_ptr() + self.grad.numel() * self.grad.element_size()
+        if any(lo <= ptr < hi for ptr in compress(ptrs, moved)):
+            # A grad that lives in another param's slot, which this copy overwrites.
+            sources = [g.clone() if lo <= g.data_ptr() < hi else g for g in sources]
+        try:
+            with torch._C._AutoDispatchBelowADInplaceOrView():
+                torch._foreach_copy_(slots, sources)
+        except RuntimeError:
+            self._check_grad_shapes(grads)
+            raise
+        # copy_ broadcasts: a smaller grad of another shape would fill its slot silently.
+        if sum(map(Tensor.numel, sources)) != sum(map(Tensor.numel, slots)):
+            self._check_grad_shapes(grads)
+
+    def _check_grad_shapes(self, grads: Sequence[Tensor]) -> None:
+        for p, g in zip(self.params, grads):
+            if g.shape != p.shape:
+                raise RuntimeError(
+                    f"a grad of shape {tuple(g.shape)} for a parameter of shape {tuple(p.shape)}: "
+                    "the grad's storage was replaced (.data = / set_) by one of another shape"
+                )
+
     def release(self, states: dict) -> None:
-        """Give each tensor that still lives in this bucket's buffers (a param that left
-        the bucket, its grad, its state) its own storage, so the buffers can be freed."""
+        """Give each param that still lives in this bucket's buffers, and its state, its
+        own storage, so the buffers can be freed. Grads are the user's and stay as they
+        are (a grad in an old slot keeps only the old grad buffer alive, until the next
+        ``zero_grad``)."""
         with torch.no_grad():
             for p in self.params:
                 if self.owns(p):
                     p.data = p.data.clone(memory_format=torch.preserve_format)
-                if p.grad is not None and self.owns(p.grad):
-                    p.grad = p.grad.clone(memory_format=torch.preserve_format)
-                st = states.get(p, {})
+                st = states.get(p)
+                if not isinstance(st, dict):
+                    continue
                 for key, value in list(st.items()):
                     if isinstance(value, Tensor) and self.owns(value):
                         st[key] = value.clone()
-
-
-def _bucket_key(p: Tensor) -> tuple:
-    return (p.device, p.dtype)
 
 
 def _can_flatten(p: Tensor, shared: set[int]) -> bool:
@@ -201,27 +246,54 @@ def _can_flatten(p: Tensor, shared: set[int]) -> bool:
     return p.untyped_storage().data_ptr() not in shared
 
 
-@dataclass
+def grad_pointers(grads: Sequence[Tensor], group_index: int) -> tuple[int, ...]:
+    """The grads' data pointers; torch's error for a sparse grad (which has none)."""
+    try:
+        return tuple(map(_DATA_PTR, grads))
+    except RuntimeError:
+        for g in grads:
+            check_sparse(g)
+        raise
+
+
+def check_grads(params: Sequence[Tensor], group_index: int) -> None:
+    """What torch.optim.RMSprop refuses, checked before anything is changed."""
+    for i, p in enumerate(params):
+        g = p.grad
+        check_sparse(g)
+        check_param_dtype(p)
+        if g.shape != p.shape:
+            raise RuntimeError(
+                f"param group {group_index}, parameter {i}: grad of shape {tuple(g.shape)} for a "
+                f"parameter of shape {tuple(p.shape)}"
+            )
+
+
+@dataclass(eq=False)
 class GroupLayout:
-    """The buckets of one param group and what they expect to find at the next step."""
+    """The buckets of one param group and where its tensors lived after the last step."""
 
     roles: tuple[str, ...]
-    param_ids: tuple[int, ...]
-    param_ptrs: tuple[int, ...]
-    grad_ptrs: tuple[int, ...]
+    #: The group's params that have a grad, in group order; buckets and loose split them.
+    params: list[Tensor]
     buckets: list[Bucket]
-    loose: list[Tensor]  # params that cannot be viewed into a flat buffer
+    loose: list[Tensor]  # params that cannot be views of a flat buffer
+    #: Which of the group's params have a grad (True where p.grad is None).
+    no_grad: tuple[bool, ...]
     stale: bool = False  # set by load_state_dict: the state tensors were replaced
-    state_version: int = -1  # optimizer.state's version right after this layout was built
-    copies_grads: bool = False  # some grads are foreign (_ownership.py): copy them each step
-    # What the whole group looked like after the last check (see ``unchanged``).
-    _seen_grads: list = field(default_factory=list, repr=False)
-    _seen_ptrs: tuple = field(default=(), repr=False)
-    _seen_version: int = -2
+    state_version: int = -1  # optimizer.state's version when this layout was last checked
+    take_params: Callable[[Sequence], tuple] = field(repr=False, default=None)
+    take_loose: Callable[[Sequence], tuple] = field(repr=False, default=None)
+    #: ``Tensor.data_ptr``, or ``storage_key`` where tensor subclasses (DTensor) take part.
+    _ptr: Callable[[Tensor], int | tuple] = field(default=_DATA_PTR, repr=False)
+    _param_ptrs: tuple = field(default=(), repr=False)  # every group param
+    _state_tensors: list[Tensor] = field(default_factory=list, repr=False)
+    _state_ptrs: tuple = field(default=(), repr=False)
 
     @staticmethod
     def build(
-        params: list[Tensor],
+        group_params: list[Tensor],
+        grads: list[Tensor | None],
         states: dict,
         roles: tuple[str, ...],
         old: GroupLayout | None,
@@ -229,81 +301,73 @@ class GroupLayout:
         initial_square_avg: float = 0.0,
         split_by_step: bool = False,
     ) -> GroupLayout:
-        """Gather ``params`` (those with a grad, in group order) into buckets.
+        """Gather the params that have a grad (in group order) into buckets.
 
         With ``split_by_step`` the params of one bucket also share their step count (bias
         correction needs one count per bucket; params that got their first grad late
         then live in a bucket of their own).
         """
+        no_grad = tuple(g is None for g in grads)
+        with_grad = [i for i, missing in enumerate(no_grad) if not missing]
+        params = [group_params[i] for i in with_grad]
         for p in params:
             init_state(states[p], p, roles, initial_square_avg)
-        parts: dict[tuple, list[Tensor]] = {}
-        loose = []
+        parts: dict[tuple, list[int]] = {}
+        loose: list[int] = []
         # Params of the group on one storage (other than our own buffers) stay apart.
         storages = [p.untyped_storage().data_ptr() for p in params if p.numel() and not is_foreign(p) and not is_ours(p)]
         shared = {ptr for ptr in storages if storages.count(ptr) > 1}
-        for p in params:
+        for j, p in enumerate(params):
             if _can_flatten(p, shared):
-                key = _bucket_key(p) + ((float(states[p]["step"]),) if split_by_step else ())
-                parts.setdefault(key, []).append(p)
+                key = (p.device, p.dtype) + ((float(states[p]["step"]),) if split_by_step else ())
+                parts.setdefault(key, []).append(j)
             else:
-                loose.append(p)
-        buckets = [Bucket.gather(ps, states, roles) for ps in parts.values()]
+                loose.append(j)
+        buckets = [Bucket.gather([params[j] for j in js], tuple(js), states, roles) for js in parts.values()]
         if old is not None:  # after the gather, which may have copied from them
             for b in old.buckets:
                 b.release(states)
-        return GroupLayout(
-            roles=roles,
-            param_ids=tuple(map(id, params)),
-            param_ptrs=_ptrs(params),
-            grad_ptrs=_ptrs(p.grad for p in params),
-            buckets=buckets,
-            loose=loose,
-            copies_grads=any(p.grad is not s for b in buckets for p, s in zip(b.params, b.grad_slots)),
+        layout = GroupLayout(
+            roles=roles, params=params, buckets=buckets, loose=[params[j] for j in loose], no_grad=no_grad
         )
+        layout.take_params = take(with_grad) if with_grad else (lambda xs: ())
+        layout.take_loose = take(loose) if loose else (lambda xs: ())
+        layout.remember(group_params, states)
+        return layout
 
-    def remember(self, state: Any, group_params: list[Tensor]) -> None:
-        """Record the group as it is now (after gathering or syncing its grads)."""
-        if self.copies_grads or any(is_traceable_wrapper_subclass(p) for p in group_params):
-            self._seen_version = -2  # always take the full check
-            return
-        self._seen_grads = [p.grad for p in group_params]
-        self._seen_ptrs = tuple(map(Tensor.data_ptr, group_params))
-        self._seen_version = getattr(state, "version", -2)
-
-    def unchanged(self, state: Any, roles: tuple, group_params: list[Tensor], grads: list) -> bool:
-        """The fast check: same state version, roles, grad objects and param pointers."""
-        return (
-            not self.stale
-            and roles == self.roles
-            and getattr(state, "version", -1) == self._seen_version
-            and len(grads) == len(self._seen_grads)
-            and all(map(operator.is_, grads, self._seen_grads))
-            and tuple(map(Tensor.data_ptr, group_params)) == self._seen_ptrs
+    def remember(self, group_params: Sequence[Tensor], states: dict) -> None:
+        """Record where the group's params and this layout's state tensors live now."""
+        self._state_tensors = [v for p in self.params for v in states[p].values() if isinstance(v, Tensor)]
+        subclass = any(map(is_traceable_wrapper_subclass, group_params)) or any(
+            map(is_traceable_wrapper_subclass, self._state_tensors)
         )
+        self._ptr = storage_key if subclass else _DATA_PTR
+        self._param_ptrs = tuple(map(self._ptr, group_params))
+        self._state_ptrs = tuple(map(self._ptr, self._state_tensors))
+        self.state_version = getattr(states, "version", -1)
 
-    def matches(self, params: list[Tensor]) -> bool:
-        """Whether the same params still live where this layout put them."""
-        return tuple(map(id, params)) == self.param_ids and _ptrs(params) == self.param_ptrs
+    def unchanged(self, states: dict, roles: tuple, group_params: Sequence[Tensor], grads: list) -> bool:
+        """The per-step check, a few C-level passes: the same params have a grad, every
+        param and every state tensor still lives where it did (which catches ``.data``
+        swaps and ``set_`` too), and no state entry was replaced.
 
-    def sync_grads(self, params: list[Tensor]) -> bool:
-        """Bring grads that autograd allocated anew back into the flat grad buffers.
-
-        Returns False when that is not possible (a grad of another dtype): the caller
-        gathers again.
+        When ``optimizer.state`` changed somewhere (its version moved: another group was
+        gathered, or an entry was replaced), this layout's own entries are compared one
+        by one, and the layout stays valid if they are the same tensors.
         """
-        grads = [p.grad for p in params]
-        if _ptrs(grads) == self.grad_ptrs and not self.copies_grads:
+        if (
+            self.stale
+            or roles != self.roles
+            or tuple(map(operator.is_, grads, repeat(None))) != self.no_grad
+            or tuple(map(self._ptr, group_params)) != self._param_ptrs
+            or tuple(map(self._ptr, self._state_tensors)) != self._state_ptrs
+        ):
+            return False
+        version = getattr(states, "version", -2)
+        if version == self.state_version:
             return True
-        for b in self.buckets:
-            moved = [(p, slot) for p, slot in zip(b.params, b.grad_slots) if p.grad.data_ptr() != slot.data_ptr()]
-            if any(p.grad.dtype != slot.dtype for p, slot in moved):
-                return False
-            # A moved grad may itself live in a slot that this copy overwrites.
-            sources = [p.grad.clone() if b.owns(p.grad) else p.grad for p, _ in moved]
-            for p, slot in moved:
-                if not is_foreign(p.grad):  # a grad DDP owns stays where DDP put it
-                    p.grad = slot
-            if moved:
-                torch._foreach_copy_([slot for _, slot in moved], sources)
+        current = [v for p in self.params for v in states.get(p, {}).values() if isinstance(v, Tensor)]
+        if len(current) != len(self._state_tensors) or not all(map(operator.is_, current, self._state_tensors)):
+            return False
+        self.state_version = version
         return True

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ._compile import BACKENDS
+from ._bucket_step import BACKENDS
 
 __all__ = ["main"]
 

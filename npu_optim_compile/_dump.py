@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from ._validation import check_dump_dir
+
 __all__ = ["DUMP_ENV", "GraphDump", "bucket_context", "resolve_dump_dir"]
 
 #: The environment variable that turns dumps on without touching the code.
@@ -43,9 +45,17 @@ _context = threading.local()
 
 
 def resolve_dump_dir(explicit: str | os.PathLike[str] | None) -> str:
-    """The dump folder: the explicit option, else the environment variable, else ""."""
-    value = explicit if explicit is not None else os.environ.get(DUMP_ENV, "")
-    return os.path.abspath(os.fspath(value)) if value else ""
+    """The dump folder: the explicit option, else the environment variable, else "".
+
+    The folder is created and checked now, so a bad one fails here with an error that
+    names ``dump_dir`` or the variable, never later inside a compile."""
+    if explicit is not None:
+        value, source = os.fspath(explicit), "dump_dir"
+    else:
+        value, source = os.environ.get(DUMP_ENV, ""), DUMP_ENV
+    if not value:
+        return ""
+    return check_dump_dir(os.path.abspath(value), source)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ In-place changes of the tensors themselves need no tracking: they are the buffer
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["TrackedState", "track"]
@@ -68,7 +69,14 @@ class TrackedState(dict):
         super().__init__()
         self.version = 0
         for key, value in dict(*args, **kwargs).items():
-            super().__setitem__(key, _Entry(self, value))
+            super().__setitem__(key, self._wrap(value))
+
+    def _wrap(self, value: Any) -> Any:
+        """A per-parameter dict becomes an _Entry; any other value (a hook may store an
+        int or a bool under a string key, as torch.optim allows) is kept as it is."""
+        if isinstance(value, _Entry) and value._owner is self:
+            return value
+        return _Entry(self, value) if isinstance(value, Mapping) else value
 
     def __missing__(self, key):
         entry = _Entry(self)
@@ -76,7 +84,7 @@ class TrackedState(dict):
         return entry
 
     def __setitem__(self, key, value):
-        super().__setitem__(key, value if isinstance(value, _Entry) and value._owner is self else _Entry(self, value))
+        super().__setitem__(key, self._wrap(value))
         self.version += 1
 
     def __delitem__(self, key):

@@ -1,94 +1,38 @@
-"""``NpuFusedRMSprop``: torch.optim.RMSprop's results, one compiled kernel per bucket."""
+"""``NpuFusedRMSprop``: the ``torch.optim.Optimizer`` facade of the fused step.
+
+This module is the surface torch users see: the constructor, param groups, state_dict
+and its hooks, ``zero_grad``, GradScaler's contracts and torch_npu's tensor-fusion API.
+The step itself is the engine's (``_engine.py``); inside a user's ``torch.compile`` the
+same engine runs behind one custom op (``_in_compile.py``).
+"""
 
 from __future__ import annotations
 
-import operator
+import inspect
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _get_scalar_dtype
 
-from ._buckets import GroupLayout
-from ._compile import BACKENDS, StepKey, get_bucket_step
-from ._dump import bucket_context, resolve_dump_dir
-from ._torchair import MODES as NPU_MODES
+from ._bucket_step import BACKENDS
+from ._dump import resolve_dump_dir
+from ._engine import Amp, StepEngine
+from ._in_compile import init_group, register, traced_step, traced_zero_grad
 from ._npu import npu_status, require_torchair
-from ._ownership import local_tensors
-from ._state import TrackedState, track
-from ._traced import init_group_for_dynamo, traced_step, traced_zero_grad
-from .functional import check_options, rmsprop_step
+from ._ownership import is_foreign
+from ._state import track
+from ._torchair_backend import MODES as NPU_MODES
+from ._validation import check_choice
+from .options import STATE_ROLES, RMSpropOptions
 
 __all__ = ["NpuFusedRMSprop"]
 
-#: The values the compiled step reads at run time, in the order of its hyper tensor.
-_HYPERPARAMETERS = ("lr", "alpha", "eps", "weight_decay", "momentum", "loss_scale")
-
-_GRAD = operator.attrgetter("grad")
-
-#: Options beyond torch.optim.RMSprop's, with the defaults that keep its exact update.
-#: They enter a param group only when not at their default, so a default optimizer's
-#: param_groups (and printing) are torch.optim.RMSprop's.
-VARIANT_DEFAULTS: dict[str, Any] = {
-    "eps_in_sqrt": False,
-    "initial_square_avg": 0.0,
-    "lr_in_momentum": False,
-    "decoupled_weight_decay": False,
-    "nesterov": False,
-    "bias_correction": False,
-    "loss_scale": 1.0,
-}
-
-
-def _validate_hyperparameters(lr, alpha, eps, weight_decay, momentum) -> None:
-    """torch.optim.RMSprop's checks, with its messages."""
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if not 0.0 <= eps:
-        raise ValueError(f"Invalid epsilon value: {eps}")
-    if not 0.0 <= momentum:
-        raise ValueError(f"Invalid momentum value: {momentum}")
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-    if not 0.0 <= alpha:
-        raise ValueError(f"Invalid alpha value: {alpha}")
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"Invalid {name}: {value!r}. Choose one of {', '.join(map(repr, choices))}")
-
-
-def _hyper_dtype(device: torch.device) -> torch.dtype:
-    # float64 reproduces torch's Python-float arithmetic (1 - alpha, -lr) exactly; the
-    # Ascend graph engines handle float32 scalars best.
-    return torch.float32 if device.type == "npu" else torch.float64
-
-
-class _HyperTensor:
-    """One bucket's ``[lr, alpha, eps, weight_decay, momentum, loss_scale, step]`` in one
-    1-D tensor on the bucket's device (see Note [hyperparameters in one 1-D tensor] in
-    ``_compile.py``), refreshed before each step without recompiling anything."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.tensor = torch.zeros(len(_HYPERPARAMETERS) + 1, dtype=_hyper_dtype(device), device=device)
-        self._seen: tuple | None = None
-
-    def refresh(self, values: tuple) -> Tensor:
-        if any(isinstance(v, Tensor) for v in values):
-            for i, v in enumerate(values):
-                self.tensor[i].copy_(v.detach().reshape(()) if isinstance(v, Tensor) else v)
-            self._seen = None
-        elif values != self._seen:
-            staged = torch.tensor(values, dtype=self.tensor.dtype)
-            if self.tensor.device.type != "cpu":  # no host synchronisation
-                staged = staged.pin_memory()
-            self.tensor.copy_(staged, non_blocking=True)
-            self._seen = values
-        return self.tensor
+#: torch.optim.RMSprop's group keys that this optimizer keeps fixed (its state_dicts
+#: carry them, so ours do too).
+_TORCH_FIXED = dict(capturable=False, foreach=None, differentiable=False)
 
 
 class NpuFusedRMSprop(Optimizer):
@@ -115,12 +59,16 @@ class NpuFusedRMSprop(Optimizer):
     is :func:`~npu_optim_compile.rmsprop_step`.
 
     How it is fast: the parameters of each (param group, device, dtype) are gathered
-    into one flat buffer, and so are their grads and each state buffer; the tensors you
-    hold (``p``, ``p.grad``, ``optimizer.state[p]``) become views of those buffers. The
-    update of a whole bucket is one compiled kernel. Re-allocated params or grads
-    (``p.data = ...``, ``model.to()``, a new ``.grad`` after
-    ``zero_grad(set_to_none=True)``, a param whose first grad arrives late) are detected
-    and gathered again, never silently dropped.
+    into one flat buffer, and so is each state buffer; ``p`` and ``optimizer.state[p]``
+    become views of those buffers. The update of a whole bucket is one compiled kernel.
+    Grads stay the user's: ``step()`` never replaces or writes a ``.grad`` (except to
+    unscale it under a GradScaler, as torch does); it copies the grads autograd
+    allocated into a flat grad buffer with one C-level call per bucket.
+    ``zero_grad(set_to_none=False)`` points each grad at its slot of that buffer, so
+    backward accumulates straight into it and the copy is skipped. Anything that moved
+    (``p.data = ...``, ``model.to()``, a state tensor's ``.data`` or ``set_``, a param
+    whose first grad arrives late, a ``load_state_dict``) is detected and gathered
+    again, never silently dropped.
 
     Args:
         params: parameters or param groups, as for any ``torch.optim.Optimizer``.
@@ -143,7 +91,7 @@ class NpuFusedRMSprop(Optimizer):
 
     Variants (keyword-only; the defaults keep torch.optim.RMSprop's exact update, and
     every combination keeps one fused kernel per bucket; formulas in
-    :func:`~npu_optim_compile.rmsprop_step`):
+    :func:`~npu_optim_compile.rmsprop_step`; the list is :class:`RMSpropOptions`):
 
     Args:
         eps_in_sqrt: :math:`\sqrt{v + \epsilon}` (TensorFlow, Keras, timm, MindSpore,
@@ -160,6 +108,8 @@ class NpuFusedRMSprop(Optimizer):
         bias_correction: divide :math:`v` (and :math:`\bar g`) by
             :math:`1 - \alpha^t` (optax's ``bias_correction``).
         loss_scale: the gradients are divided by it (MindSpore's fixed loss scale).
+        lr_scaled_decay: with decoupled decay, ``False`` shrinks by :math:`1 - \lambda`
+            without the lr factor (torch_npu's ``NpuFusedRMSpropTF``).
 
     Hyperparameters live in a tensor inside the compiled graph: changing them, with an
     LR scheduler or by hand, never recompiles. The state_dict has torch.optim.RMSprop's
@@ -167,8 +117,10 @@ class NpuFusedRMSprop(Optimizer):
 
     Mixed precision: ``torch.amp.GradScaler`` works as with any optimizer. Because this
     class sets ``_step_supports_amp_scaling``, the scaler passes its scale and its
-    found-inf flag as tensors: the unscale and the skip of an overflowing step happen
-    inside the compiled step, with no ``.item()`` synchronisation.
+    found-inf flag as tensors: the step unscales the grads in place (what the scaler's
+    ``unscale_`` does, so ``p.grad`` holds the true gradient afterwards, as with
+    torch.optim.RMSprop) and skips an overflowing step inside the compiled kernel, with
+    no ``.item()`` synchronisation.
 
     Distributed: under ``DistributedDataParallel``, ``ZeroRedundancyOptimizer(
     optimizer_class=NpuFusedRMSprop)`` and FSDP2 (``fully_shard``), storage the engine
@@ -178,17 +130,21 @@ class NpuFusedRMSprop(Optimizer):
     (``gradient_as_bucket_view=True``) are copied into the flat grad buffer.
 
     Inside a user's ``torch.compile`` (a whole train step; see
-    :func:`~npu_optim_compile.compile_train_step`), ``step()`` and ``zero_grad()`` are
-    traced with no graph break, as per-tensor foreach ops (``_traced.py``); the first
+    :func:`~npu_optim_compile.compile_train_step`), ``step()`` is one custom op that
+    runs this same fused engine (``_in_compile.py``): no graph break, one kernel per
+    bucket, a compile time that does not grow with the number of tensors; the first
     trace turns a float ``lr`` into a 0-d tensor, so LR schedulers never recompile.
     """
 
     # torch.amp.GradScaler then hands us grad_scale / found_inf tensors instead of
-    # unscaling and checking with .item() itself: both happen inside the compiled step.
+    # unscaling and checking with .item() itself: the step does both.
     _step_supports_amp_scaling = True
 
     # Run by Dynamo in Python when step() is traced (Note [Dynamo and _init_group]).
-    _init_group = init_group_for_dynamo
+    _init_group = init_group
+
+    #: Other frameworks' param-group keys this class reads as ours.
+    _group_aliases: dict[str, str] = {}
 
     def __init__(
         self,
@@ -200,59 +156,28 @@ class NpuFusedRMSprop(Optimizer):
         momentum: float = 0,
         centered: bool = False,
         *,
-        maximize: bool = False,
-        eps_in_sqrt: bool = False,
-        initial_square_avg: float = 0.0,
-        lr_in_momentum: bool = False,
-        decoupled_weight_decay: bool = False,
-        nesterov: bool = False,
-        bias_correction: bool = False,
-        loss_scale: float = 1.0,
         backend: str = "auto",
         npu_mode: str = "max-autotune",
         dump_dir: str | os.PathLike[str] | None = None,
+        **options: Any,
     ) -> None:
-        _validate_hyperparameters(lr, alpha, eps, weight_decay, momentum)
-        _check_choice("backend", backend, BACKENDS)
-        _check_choice("npu_mode", npu_mode, NPU_MODES)
-        check_options(
-            momentum_buffers=momentum > 0,
-            nesterov=nesterov,
-            loss_scale=loss_scale,
-            initial_square_avg=initial_square_avg,
+        RMSpropOptions.check_keywords(options, type(self).__name__)
+        chosen = RMSpropOptions(
+            lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered, **options
         )
-        variants = dict(
-            eps_in_sqrt=eps_in_sqrt,
-            initial_square_avg=initial_square_avg,
-            lr_in_momentum=lr_in_momentum,
-            decoupled_weight_decay=decoupled_weight_decay,
-            nesterov=nesterov,
-            bias_correction=bias_correction,
-            loss_scale=loss_scale,
-        )
+        check_choice("backend", backend, BACKENDS)
+        check_choice("npu_mode", npu_mode, NPU_MODES)
         if backend == "torchair":  # fail now, saying what is missing, not at the first step
-            require_torchair("NpuFusedRMSprop(backend='torchair')")
+            require_torchair(f"{type(self).__name__}(backend='torchair')")
             status = npu_status()
             if not status.available:
-                raise RuntimeError(f"NpuFusedRMSprop(backend='torchair') needs an Ascend NPU: {status.reason}")
+                raise RuntimeError(f"{type(self).__name__}(backend='torchair') needs an Ascend NPU: {status.reason}")
         self.backend = backend
         self.npu_mode = npu_mode
         self.dump_dir = resolve_dump_dir(dump_dir)
-        self._layouts: dict[int, GroupLayout] = {}
-        # Same keys as torch.optim.RMSprop, so state_dicts load both ways.
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            alpha=alpha,
-            eps=eps,
-            centered=centered,
-            weight_decay=weight_decay,
-            capturable=False,
-            foreach=None,
-            maximize=maximize,
-            differentiable=False,
-        )
-        defaults.update({k: v for k, v in variants.items() if v != VARIANT_DEFAULTS[k]})
+        self._engine = StepEngine(backend, npu_mode, self.dump_dir, self._group_aliases)
+        self._handle = register(self)
+        defaults = {**chosen.group_entries(), **_TORCH_FIXED}
         super().__init__(params, defaults)
         self.state = track(self.state)
 
@@ -269,13 +194,11 @@ class NpuFusedRMSprop(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        for p in group["params"]:
-            if not (p.is_floating_point() or p.is_complex()):
-                self.param_groups.pop()
-                raise TypeError(
-                    f"NpuFusedRMSprop can only optimize floating point or complex "
-                    f"parameters, but got a parameter of dtype {p.dtype}"
-                )
+        try:
+            RMSpropOptions.from_group(group, self._group_aliases)
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Also reached from load_state_dict, whose loaded tensors replace our views:
@@ -285,13 +208,14 @@ class NpuFusedRMSprop(Optimizer):
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("npu_mode", "max-autotune")
         self.__dict__.setdefault("dump_dir", "")
-        self.__dict__.setdefault("_layouts", {})
+        if "_engine" not in self.__dict__:
+            self._engine = StepEngine(self.backend, self.npu_mode, self.dump_dir, self._group_aliases)
+            self._handle = register(self)
         self.state = track(self.state)
-        for layout in self._layouts.values():
-            layout.stale = True
-        for state in self.state.values():  # old checkpoints: a float step, as torch upgrades
-            if "step" in state and not torch.is_tensor(state["step"]):
-                state["step"] = torch.tensor(float(state["step"]), dtype=_get_scalar_dtype())
+        self._engine.mark_stale()
+        for value in self.state.values():  # old checkpoints: a float step, as torch upgrades
+            if isinstance(value, Mapping) and "step" in value and not torch.is_tensor(value["step"]):
+                value["step"] = torch.tensor(float(value["step"]), dtype=_get_scalar_dtype())
         # A loaded group keeps only the keys it was saved with (torch's format has none
         # of our variants): fill the rest from this optimizer's construction, so loading
         # never changes the algorithm.
@@ -306,10 +230,19 @@ class NpuFusedRMSprop(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim.RMSprop's format, with plain dicts (loadable with
-        ``torch.load(weights_only=True)``)."""
+        ``torch.load(weights_only=True)``). Entries that are not per-parameter dicts
+        (a hook may put any value into ``optimizer.state``) are kept as they are."""
         state_dict = super().state_dict()
-        state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
+        state_dict["state"] = {k: dict(v) if isinstance(v, Mapping) else v for k, v in state_dict["state"].items()}
         return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``, after checking that the checkpoint is an RMSprop
+        state for these params (``ValueError`` naming the param and the key otherwise:
+        another optimizer's state, a missing buffer or a buffer of another shape would
+        otherwise train on silently wrong state)."""
+        check_state_dict(self, state_dict)
+        super().load_state_dict(state_dict)
 
     @torch.no_grad()
     def step(self, closure=None, **kwargs):
@@ -320,9 +253,12 @@ class NpuFusedRMSprop(Optimizer):
                 returns the loss.
             grad_scaler (keyword, optional): passed by GradScalers that follow the legacy
                 ``_step_supports_amp_scaling`` contract (torch_npu's
-                ``torch_npu.npu.amp.GradScaler``): the grads are unscaled through it and
+                ``torch_npu.npu.amp.GradScaler``): the grads are unscaled in place and
                 an overflowing step is skipped inside the compiled step.
                 ``torch.amp.GradScaler`` instead sets ``grad_scale`` / ``found_inf``.
+
+        A step that raises changes nothing: params, state and step counts keep their
+        values (``_engine.py``).
         """
         grad_scaler = kwargs.pop("grad_scaler", None)
         if kwargs:
@@ -334,11 +270,10 @@ class NpuFusedRMSprop(Optimizer):
         if grad_scaler is not None:
             self._adopt_legacy_scaler(grad_scaler)
         try:
-            if torch.compiler.is_compiling():  # inside a user's torch.compile: _traced.py
+            if torch.compiler.is_compiling():  # inside a user's torch.compile: _in_compile.py
                 traced_step(self)
             else:
-                for index, group in enumerate(self.param_groups):
-                    self._step_group(index, group)
+                self._engine.step(self.param_groups, self.state, self._amp())
         finally:
             if grad_scaler is not None:
                 self.__dict__.pop("found_inf", None)
@@ -346,17 +281,32 @@ class NpuFusedRMSprop(Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``. With ``set_to_none=False`` each grad of a param in a
+        flat bucket is pointed at its slot of the flat grad buffer, zeroed (the tensor
+        it replaces is zeroed too): backward then accumulates straight into the
+        buffer, and the next step copies nothing."""
         # Dynamo skips torch.optim.Optimizer.zero_grad (a graph break in a compiled train
         # step); inside torch.compile run a traceable equivalent instead.
         if torch.compiler.is_compiling():
             traced_zero_grad(self, set_to_none)
+        elif set_to_none:
+            super().zero_grad(True)
         else:
-            super().zero_grad(set_to_none)
+            with torch.no_grad():
+                for g in self._engine.zero_grad_into_buffers(self.param_groups):
+                    if g.grad_fn is not None:
+                        g.detach_()
+                    else:
+                        g.requires_grad_(False)
+                    g.zero_()
+
+    def _amp(self) -> Amp:
+        return Amp(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
 
     def _adopt_legacy_scaler(self, scaler) -> None:
         """The legacy contract, done as the current one: the scaler checks the grads for
-        inf/NaN (which records what ``scaler.update()`` reads) and the unscale and the skip
-        happen inside the compiled step. fp16 grads are fine here (``unscale_`` refuses
+        inf/NaN (which records what ``scaler.update()`` reads), and the step unscales
+        them in place and skips on inf. fp16 grads are fine here (``unscale_`` refuses
         them for non-fused optimizers)."""
         state = scaler._per_optimizer_states[id(self)]
         if state["stage"].name == "READY":
@@ -371,46 +321,48 @@ class NpuFusedRMSprop(Optimizer):
 
     # -- torch_npu's tensor-fusion API ----------------------------------------------
 
-    def _layouts_now(self) -> list[GroupLayout]:
-        layouts = (self._prepare_group(i, g) for i, g in enumerate(self.param_groups))
-        return [layout for layout in layouts if layout is not None]
+    def _prepared(self) -> list[tuple[Any, tuple, tuple]]:
+        out = []
+        for index, group in enumerate(self.param_groups):
+            prepared = self._engine.prepare(index, group, self._engine.options(index, group), self.state)
+            if prepared is not None:
+                out.append(prepared)
+        return out
 
     def describe_buckets(self) -> list[dict[str, Any]]:
         """One entry per bucket of the last step: group, device, dtype, tensors, elements."""
-        return [
-            {
-                "group": index,
-                "device": str(b.device),
-                "dtype": str(b.param.dtype).removeprefix("torch."),
-                "tensors": len(b.params),
-                "elements": b.param.numel(),
-                "state": list(b.state),
-                "graph": b.graph,
-            }
-            for index, layout in sorted(self._layouts.items())
-            for b in layout.buckets
-        ]
+        return self._engine.describe()
 
     def get_combined_params(self) -> list[Tensor]:
         """The flat param buffers, one per (param group, device, dtype) bucket, of the
         params that have a grad now (torch_npu's ``get_combined_params``; torch_npu
         combines per dtype across groups). Each such param is a view of one of them, except
         params on the per-tensor path (memory owned elsewhere, non-dense, zero-size)."""
-        return [b.param for layout in self._layouts_now() for b in layout.buckets]
+        return [b.param for layout, _, _ in self._prepared() for b in layout.buckets]
 
     def get_combined_grads(self) -> list[Tensor]:
         """The flat grad buffers, bucket by bucket (torch_npu's ``get_combined_grads``).
-        Grads that autograd re-allocated are gathered into them first."""
-        return [b.grad for layout in self._layouts_now() for b in layout.buckets]
+        Each ``p.grad`` is pointed at its slot of them first (as
+        ``zero_grad(set_to_none=False)`` does), so writing into them writes the grads."""
+        out = []
+        for layout, grads, ptrs in self._prepared():
+            for bucket in layout.buckets:
+                bucket.load_grads(bucket.take_grads(grads), bucket.take_grads(ptrs))
+                for p, slot in zip(bucket.params, bucket.slots):
+                    if p.grad is not slot and not is_foreign(p.grad):
+                        p.grad = slot
+                out.append(bucket.grad)
+        return out
 
     @torch.no_grad()
     def clip_grad_norm_fused_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
-        """Clip the grads of all groups to a total norm of ``max_norm``, in place, on the
-        flat buffers: ``torch.nn.utils.clip_grad_norm_``'s result with one norm and one
-        scale per bucket. Returns the total norm before clipping."""
-        grads = []
-        for layout in self._layouts_now():
-            grads += [b.grad for b in layout.buckets] + [p.grad for p in layout.loose]
+        """Clip the grads of all groups to a total norm of ``max_norm``, in place:
+        ``torch.nn.utils.clip_grad_norm_``'s result with one norm and one scale per
+        bucket (on the flat grad buffers, see :meth:`get_combined_grads`). Returns the
+        total norm before clipping."""
+        grads = self.get_combined_grads()
+        for layout, _, _ in self._prepared():
+            grads += [p.grad for p in layout.loose]
         if not grads:
             return torch.tensor(0.0)
         norm_type = float(norm_type)
@@ -421,186 +373,54 @@ class NpuFusedRMSprop(Optimizer):
         torch._foreach_mul_(grads, coef)
         return total
 
-    # -- internals -------------------------------------------------------------------
 
-    def _layout(self, index: int, params: list[Tensor], roles: tuple, options: dict) -> GroupLayout:
-        layout = self._layouts.get(index)
-        if (
-            layout is not None
-            and not layout.stale
-            and layout.roles == roles
-            and isinstance(self.state, TrackedState)
-            and self.state.version == layout.state_version
-            and layout.matches(params)
-        ):
-            try:
-                if layout.sync_grads(params):
-                    return layout
-            except RuntimeError:  # a grad without storage (sparse): checked below
-                pass
-        for p in params:
-            if p.grad.is_sparse:
-                raise RuntimeError("NpuFusedRMSprop does not support sparse gradients")
-        self.state = track(self.state)  # replaced by the user (opt.state = ...)?
-        layout = GroupLayout.build(
-            params,
-            self.state,
-            roles,
-            layout,
-            initial_square_avg=options["initial_square_avg"],
-            split_by_step=options["bias_correction"],
-        )
-        self._layouts[index] = layout
-        # Building changed the state (views, new entries): other groups' layouts are
-        # still valid, so every layout records the version as of now.
-        for other in self._layouts.values():
-            other.state_version = self.state.version
-        return layout
+def _signature() -> inspect.Signature:
+    """``NpuFusedRMSprop.__init__``'s signature with every option spelled out (for
+    ``help()`` and IDEs), generated from :class:`RMSpropOptions`."""
+    base = inspect.signature(NpuFusedRMSprop.__init__)
+    params = [p for p in base.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    defaults = RMSpropOptions.defaults()
+    for name in RMSpropOptions.names():
+        if name in base.parameters:
+            continue
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=defaults[name]))
+    return base.replace(parameters=params)
 
-    def _resolve_backend(self, device: torch.device) -> str:
-        if self.backend == "auto":
-            return "torchair" if device.type == "npu" else "inductor"
-        return self.backend
 
-    def _group_options(self, group: dict) -> dict[str, Any]:
-        """The step options of a group: torch's keys plus the variants (their defaults
-        where the group does not set them). Subclasses map their own keys here."""
-        options = {key: group.get(key, default) for key, default in VARIANT_DEFAULTS.items()}
-        options["lr_scaled_decay"] = True
-        return options
+NpuFusedRMSprop.__init__.__signature__ = _signature()
 
-    def _prepare_group(self, index: int, group: dict) -> GroupLayout | None:
-        """Make group ``index``'s buckets current (gathering again what moved).
 
-        The common case costs three C-level passes over the group: every param still
-        has the very grad object it had after the last step (our flat-buffer view, or
-        None), every param still lives where it did, and ``optimizer.state`` is
-        unchanged. Anything else takes the full check, which re-gathers what moved.
-        """
-        gparams = group["params"]
-        grads = list(map(_GRAD, gparams))
-        roles = ("square_avg",) + (("grad_avg",) if group["centered"] else ()) + (
-            ("momentum_buffer",) if group["momentum"] > 0 else ()
-        )
-        layout = self._layouts.get(index)
-        if layout is not None and layout.unchanged(self.state, roles, gparams, grads):
-            return layout
-        params = [p for p, g in zip(gparams, grads) if g is not None]
-        if not params:
-            return None
-        layout = self._layout(index, params, roles, self._group_options(group))
-        layout.remember(self.state, gparams)
-        return layout
-
-    def _step_group(self, index: int, group: dict) -> None:
-        layout = self._prepare_group(index, group)
-        if layout is None:
-            return
-        options = self._group_options(group)
-        centered = bool(group["centered"])
-        use_momentum = group["momentum"] > 0
-        # AMP: torch.amp.GradScaler sets these tensors because _step_supports_amp_scaling.
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        flags = {
-            "centered": centered,
-            "maximize": bool(group["maximize"]),
-            "momentum": use_momentum,
-            "weight_decay": isinstance(group["weight_decay"], Tensor) or group["weight_decay"] != 0,
-            "eps_in_sqrt": options["eps_in_sqrt"],
-            "lr_in_momentum": options["lr_in_momentum"],
-            "decoupled_weight_decay": options["decoupled_weight_decay"],
-            "lr_unscaled_decay": not options["lr_scaled_decay"],
-            "nesterov": options["nesterov"],
-            "bias_correction": options["bias_correction"],
-            "loss_scale": isinstance(options["loss_scale"], Tensor) or options["loss_scale"] != 1,
-            "grad_scale": grad_scale is not None,
-            "found_inf": found_inf is not None,
-        }
-        flags = frozenset(name for name, on in flags.items() if on)
-        values = tuple(group[name] for name in _HYPERPARAMETERS[:5]) + (options["loss_scale"],)
-
-        for bucket in layout.buckets:
-            bucket.steps.add_(1)
-            skip = None if found_inf is None else found_inf.to(bucket.device, non_blocking=True)
-            if skip is not None:
-                bucket.steps.sub_(skip)
-            if bucket.hyper is None:
-                bucket.hyper = _HyperTensor(bucket.device)
-            hyper = bucket.hyper.refresh(values + (0.0,))
-            if "bias_correction" in flags:  # the bucket's step count, copied on the device
-                hyper[-1].copy_(bucket.steps[0])
-            scale = None if grad_scale is None else grad_scale.to(bucket.device, non_blocking=True)
-            step = self._bucket_step(bucket, flags)
-            if self.dump_dir:
-                with bucket_context(self.describe_buckets()):
-                    step(*bucket.step_args, hyper, scale, skip)
-            else:
-                step(*bucket.step_args, hyper, scale, skip)
-            # The step wrote to the flat buffer, not through `p`: tell autograd, so a graph
-            # that saved a param before the step still fails on backward, as with torch.
-            torch.autograd.graph.increment_version(bucket.params)
-
-        if layout.loose:  # params that cannot be views of a flat buffer: plain foreach
-            self._step_loose(layout.loose, group, options, grad_scale, found_inf)
-            torch.autograd.graph.increment_version(layout.loose)
-
-    def _bucket_step(self, bucket, flags: frozenset[str]):
-        """The compiled step for ``bucket`` and these flags, kept on the bucket while the
-        flags, backend, mode and dump folder stay the same (the common case: every step)."""
-        backend = self._resolve_backend(bucket.device)
-        mode = self.npu_mode if backend == "torchair" else ""
-        signature = (flags, backend, mode, self.dump_dir)
-        if bucket.step_fn is None or bucket.step_signature != signature:
-            key = StepKey(backend, bucket.device.type, bucket.step_args[0].dtype, flags, mode=mode, dump_dir=self.dump_dir)
-            bucket.step_fn, bucket.step_signature, bucket.graph = get_bucket_step(key), signature, key.name()
-        return bucket.step_fn
-
-    def _step_loose(self, params, group, options, grad_scale, found_inf) -> None:
-        # DTensors (FSDP2) are updated through their local shards; their state stays DTensor.
-        states = [self.state[p] for p in params]
-        self._step_tensors(
-            group,
-            options,
-            local_tensors(params),
-            local_tensors([p.grad for p in params], like=params),
-            local_tensors([st["square_avg"] for st in states]),
-            local_tensors([st["grad_avg"] for st in states]) if group["centered"] else None,
-            local_tensors([st["momentum_buffer"] for st in states]) if group["momentum"] > 0 else None,
-            [st["step"] for st in states],
-            grad_scale,
-            found_inf,
-        )
-
-    def _step_tensors(
-        self, group, options, params, grads, square_avgs, grad_avgs, momentum_buffers, steps, grad_scale, found_inf
-    ) -> None:
-        """One step over per-tensor lists (the loose path, and the path traced inside a
-        user's ``torch.compile``)."""
-        torch._foreach_add_(steps, 1)
-        if found_inf is not None:
-            torch._foreach_sub_(steps, found_inf.to(steps[0].device))
-        rmsprop_step(
-            params,
-            grads,
-            square_avgs,
-            grad_avgs,
-            momentum_buffers,
-            lr=group["lr"],
-            alpha=group["alpha"],
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            momentum=group["momentum"],
-            centered=bool(group["centered"]),
-            maximize=bool(group["maximize"]),
-            eps_in_sqrt=options["eps_in_sqrt"],
-            lr_in_momentum=options["lr_in_momentum"],
-            decoupled_weight_decay=options["decoupled_weight_decay"],
-            lr_scaled_decay=options["lr_scaled_decay"],
-            nesterov=options["nesterov"],
-            bias_correction=options["bias_correction"],
-            state_steps=steps,
-            loss_scale=options["loss_scale"],
-            grad_scale=grad_scale,
-            found_inf=found_inf,
-        )
+def check_state_dict(opt: NpuFusedRMSprop, state_dict: Mapping[str, Any]) -> None:
+    """``ValueError`` when ``state_dict`` is not an RMSprop state for ``opt``'s params:
+    each per-parameter entry must hold ``step`` and the buffers its group's options
+    keep, each of its param's shape. (Extra keys are kept, as torch keeps them.)"""
+    saved_groups = state_dict.get("param_groups", [])
+    saved_state = state_dict.get("state", {})
+    if len(saved_groups) != len(opt.param_groups):
+        return  # torch's own check reports this one
+    for index, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):
+        merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+        roles = RMSpropOptions.from_group(
+            {k: merged[k] for k in merged if k in RMSpropOptions.names() or k in opt._group_aliases},
+            opt._group_aliases,
+        ).roles
+        for position, (p, key) in enumerate(zip(group["params"], saved.get("params", []))):
+            entry = saved_state.get(key)
+            if entry is None:
+                continue
+            where = f"param group {index}, parameter {position} (state key {key!r})"
+            if not isinstance(entry, Mapping):
+                raise ValueError(f"state_dict: the state of {where} is a {type(entry).__name__}, not a dict")
+            missing = [k for k in ("step", *roles) if k not in entry]
+            if missing:
+                raise ValueError(
+                    f"state_dict: the state of {where} has no {', '.join(map(repr, missing))} "
+                    f"(it holds {sorted(entry)}): not an RMSprop state for these options"
+                )
+            for role in STATE_ROLES:
+                value = entry.get(role)
+                if isinstance(value, Tensor) and value.shape != p.shape:
+                    raise ValueError(
+                        f"state_dict: {role!r} of {where} has shape {tuple(value.shape)}, "
+                        f"the parameter {tuple(p.shape)}"
+                    )

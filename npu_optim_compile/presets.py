@@ -51,6 +51,12 @@ class NpuFusedRMSpropTF(NpuFusedRMSprop):
     Param groups may also carry torch_npu's key ``decoupled_decay``.
     """
 
+    #: torch_npu's group key for decoupled decay.
+    _group_aliases = {"decoupled_decay": "decoupled_weight_decay"}
+
+    #: What TensorFlow semantics fix (use NpuFusedRMSprop to choose them freely).
+    _FIXED = ("eps_in_sqrt", "initial_square_avg", "decoupled_weight_decay", "lr_scaled_decay", "lr_in_momentum")
+
     def __init__(
         self,
         params: ParamsT,
@@ -64,11 +70,10 @@ class NpuFusedRMSpropTF(NpuFusedRMSprop):
         lr_in_momentum: bool = True,
         **options: Any,
     ) -> None:
-        fixed = {"eps_in_sqrt", "initial_square_avg", "decoupled_weight_decay", "lr_in_momentum"}
-        clash = fixed & options.keys()
+        clash = sorted(set(self._FIXED) & options.keys())
         if clash:
             raise TypeError(
-                f"NpuFusedRMSpropTF fixes {sorted(clash)} (TensorFlow semantics; use "
+                f"NpuFusedRMSpropTF fixes {clash} (TensorFlow semantics; use "
                 "decoupled_decay / lr_in_momentum); use NpuFusedRMSprop to choose them freely"
             )
         super().__init__(
@@ -83,15 +88,9 @@ class NpuFusedRMSpropTF(NpuFusedRMSprop):
             initial_square_avg=1.0,
             lr_in_momentum=lr_in_momentum,
             decoupled_weight_decay=decoupled_decay,
+            lr_scaled_decay=False,  # torch_npu: p <- p - wd * p
             **options,
         )
-
-    def _group_options(self, group: dict) -> dict[str, Any]:
-        options = super()._group_options(group)
-        if "decoupled_decay" in group:  # torch_npu's name for it
-            options["decoupled_weight_decay"] = bool(group["decoupled_decay"])
-        options["lr_scaled_decay"] = False  # torch_npu: p <- p - wd * p
-        return options
 
 
 def from_mindspore(
@@ -109,24 +108,53 @@ def from_mindspore(
 ) -> NpuFusedRMSprop:
     r"""``mindspore.nn.RMSProp``'s update, with its argument names and defaults.
 
+    What MindSpore 2.10.0 does (``mindspore/nn/optim/rmsprop.py`` ``RMSProp.construct``,
+    lines 244-270, and ``mindspore/nn/optim/optimizer.py``), with :math:`\hat g` the
+    gradient it receives, still multiplied by the loss scale :math:`s`:
+
     .. math::
 
-        \begin{aligned}
-        g &\leftarrow (g + \lambda\theta) / s, \qquad s_0 = 1 \text{ (mean square)} \\
-        v &\leftarrow \rho v + (1 - \rho) g^2, \qquad
-            m \leftarrow \beta m + \eta\, g / \sqrt{v + \epsilon}
-            \ \ (\text{centered: } \sqrt{v - \bar g^2 + \epsilon}), \qquad
-            \theta \leftarrow \theta - m
+        egin{aligned}
+        \hat g &\leftarrow \hat g + (\lambda s)\,	heta
+            && 	ext{decay\_weight: the stored decay is } \lambda s \
+        g &\leftarrow \hat g \cdot (1/s) = \hat g / s + \lambda	heta
+            && 	ext{scale\_grad} \
+        v &\leftarrow v + (g^2 - v)(1 - 
+ho), \quad v_0 = 1 \
+        m &\leftarrow eta m + \eta\, g / \sqrt{v + \epsilon}
+            \ \ (	ext{centered: } ar g \leftarrow ar g + (g - ar g)(1 - 
+ho),            \sqrt{v - ar g^2 + \epsilon}), \qquad 	heta \leftarrow 	heta - m
         \end{aligned}
 
-    with :math:`\eta` = ``learning_rate``, :math:`\rho` = ``decay``, :math:`\beta` =
-    ``momentum``, :math:`s` = ``loss_scale``, :math:`\lambda` = ``weight_decay``.
-    MindSpore adds the L2 term to the *scaled* gradient and then divides by the loss
-    scale, so the decay here is ``weight_decay / loss_scale``. MindSpore decays only
-    params whose names contain neither ``beta`` nor ``gamma``: pass named parameters
-    (``model.named_parameters()``) to get the same split; for plain tensors every
-    param is decayed. ``use_locking`` has no meaning in PyTorch and is ignored.
-    Keyword options of :class:`NpuFusedRMSprop` (``backend``, ...) pass through.
+    with :math:`\eta` = ``learning_rate``, :math:`
+ho` = ``decay``, :math:`eta` =
+    ``momentum``, :math:`\lambda` = ``weight_decay``. Sources:
+    ``_preprocess_weight_decay`` stores ``weight_decay * loss_scale`` (optimizer.py
+    line 496) for the optimizer's decay (238) and for each group's (626-629);
+    ``decay_weight`` / ``_tensor_apply_decay`` add ``weight * decay`` to the still-scaled
+    gradient (397-418, 862-867); ``scale_grad`` / ``_grad_scale`` then multiply by
+    ``1 / loss_scale`` (282-283, 439-456, 915-918); ``ApplyRMSProp`` /
+    ``ApplyCenteredRMSProp`` is the kernel (``rmsprop_cpu_kernel.cc``). So the decay
+    acting on the unscaled gradient is :math:`\lambda` itself, which is
+    ``NpuFusedRMSprop(weight_decay=weight_decay, loss_scale=loss_scale)`` (the loss
+    scale divides first, then :math:`\lambda	heta` is added).
+
+    Which params decay (optimizer.py lines 251-273):
+
+    - ungrouped params: those whose name contains neither ``beta`` nor ``gamma``. Pass
+      named parameters (``model.named_parameters()``) to get this filter; plain tensors
+      have no names, and every one of them is decayed.
+    - param groups (dicts): each group decays with its own ``'weight_decay'`` or, if it
+      has none, ``weight_decay``, applied to *every* param of the group (no name
+      filter; a group of named parameters is not filtered either). Group keys
+      ``'params'``, ``'lr'`` and ``'weight_decay'`` are PyTorch's names too and pass
+      through; ``'grad_centralization': False`` is accepted, ``True`` raises (no
+      equivalent here); an ``{'order_params': ...}`` dict only orders MindSpore's update
+      and is dropped. Other keys pass through as ``NpuFusedRMSprop`` group options.
+
+    MindSpore keeps :math:`\lambda s` and :math:`1/s` as float32 tensors; here they
+    are not rounded. ``use_locking`` has no meaning in PyTorch and is ignored. Keyword
+    options of :class:`NpuFusedRMSprop` (``backend``, ...) pass through.
     """
     del use_locking
     if not epsilon > 0:
@@ -134,7 +162,25 @@ def from_mindspore(
     if not loss_scale > 0:
         raise ValueError(f"Invalid loss_scale value: {loss_scale} (must be > 0)")
     params = list(params)
-    if params and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in params):
+    if params and all(isinstance(p, dict) for p in params):
+        groups = []
+        for group in params:
+            if "order_params" in group:
+                if len(group) > 1:
+                    raise ValueError(
+                        "the order params dict in group parameters should only include the "
+                        f"'order_params' key (as in MindSpore), got {sorted(group)}"
+                    )
+                continue
+            group = dict(group)
+            if group.pop("grad_centralization", False):
+                raise ValueError(
+                    "MindSpore's 'grad_centralization' has no equivalent in NpuFusedRMSprop; "
+                    "drop it or set it to False"
+                )
+            groups.append(group)
+        params = groups
+    elif params and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in params):
         exempt = ["beta" in name or "gamma" in name for name, _ in params]
         no_decay = [p for p, skip in zip(params, exempt) if skip]
         decay_params = [p for p, skip in zip(params, exempt) if not skip]
@@ -144,7 +190,7 @@ def from_mindspore(
         lr=learning_rate,
         alpha=decay,
         eps=epsilon,
-        weight_decay=weight_decay / loss_scale,
+        weight_decay=weight_decay,
         momentum=momentum,
         centered=centered,
         eps_in_sqrt=True,

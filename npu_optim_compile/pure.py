@@ -13,6 +13,7 @@ same structure. The update math is :func:`~npu_optim_compile.rmsprop_step`'s.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -20,7 +21,9 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from ._validation import check_hyperparameters
 from .functional import Scalar, rmsprop_step
+from .options import RMSpropOptions
 
 __all__ = ["PureRMSprop", "RMSpropState", "rmsprop_init", "rmsprop_update"]
 
@@ -43,10 +46,9 @@ class RMSpropState(NamedTuple):
     momentum_buffer: PyTree | None
 
 
-def _check_nonnegative(**values: Scalar) -> None:
-    for name, value in values.items():
-        if not isinstance(value, Tensor) and value < 0:
-            raise ValueError(f"Invalid {name} value: {value} (must be >= 0)")
+#: rmsprop_step's keywords with every option at its default (built once, outside any
+#: trace: rmsprop_update runs under torch.compile(fullgraph=True)).
+_STEP_DEFAULTS = RMSpropOptions().step_kwargs()
 
 
 def rmsprop_init(
@@ -64,7 +66,7 @@ def rmsprop_init(
         centered: allocate the mean gradient.
         initial_square_avg: the starting mean square (0 in PyTorch, 1 in TensorFlow).
     """
-    _check_nonnegative(momentum=momentum)
+    check_hyperparameters(momentum=momentum)
     leaves, spec = pytree.tree_flatten(params)
     _check_leaves(leaves, "params")
     device = leaves[0].device if leaves else None
@@ -85,20 +87,7 @@ def rmsprop_update(
     params: PyTree,
     grads: PyTree,
     state: RMSpropState,
-    *,
-    lr: Scalar = 1e-2,
-    alpha: Scalar = 0.99,
-    eps: Scalar = 1e-8,
-    weight_decay: Scalar = 0,
-    momentum: Scalar = 0,
-    centered: bool = False,
-    maximize: bool = False,
-    eps_in_sqrt: bool = False,
-    lr_in_momentum: bool = False,
-    decoupled_weight_decay: bool = False,
-    nesterov: bool = False,
-    bias_correction: bool = False,
-    loss_scale: Scalar = 1.0,
+    **options: Any,
 ) -> tuple[PyTree, RMSpropState]:
     r"""Return ``(new_params, new_state)`` after one RMSprop step; inputs are untouched.
 
@@ -116,14 +105,21 @@ def rmsprop_update(
     Args:
         params, grads: pytrees of tensors with the same structure.
         state: from :func:`rmsprop_init` or a previous call.
-        lr, alpha, eps, weight_decay, momentum, loss_scale: numbers or 0-d tensors.
-        centered, maximize: as in torch.optim.RMSprop.
-        eps_in_sqrt, lr_in_momentum, decoupled_weight_decay, nesterov, bias_correction:
-            the variants of :func:`~npu_optim_compile.rmsprop_step` (``bias_correction``
-            uses ``state.step + 1`` as the step count). :func:`optax_rmsprop` maps
-            ``optax.rmsprop``'s arguments onto these.
+        options: the options of :class:`~npu_optim_compile.RMSpropOptions`, with its
+            defaults (torch.optim.RMSprop's): ``lr, alpha, eps, weight_decay,
+            momentum, loss_scale`` as numbers or 0-d tensors; ``centered, maximize``
+            as in torch.optim.RMSprop; the variants of
+            :func:`~npu_optim_compile.rmsprop_step` (``bias_correction`` uses
+            ``state.step + 1`` as the step count). :func:`optax_rmsprop` maps
+            ``optax.rmsprop``'s arguments onto these. ``initial_square_avg`` belongs to
+            :func:`rmsprop_init`.
     """
-    _check_nonnegative(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum)
+    if not torch.compiler.is_compiling():  # values are checked once, not in a trace
+        RMSpropOptions.check_keywords(options, "rmsprop_update")
+        RMSpropOptions(**options)
+    step_kwargs = {**_STEP_DEFAULTS, **options}
+    step_kwargs.pop("initial_square_avg", None)
+    centered, momentum = step_kwargs["centered"], step_kwargs["momentum"]
     p_leaves, spec = pytree.tree_flatten(params)
     g_leaves, g_spec = pytree.tree_flatten(grads)
     if g_spec != spec:
@@ -160,27 +156,7 @@ def rmsprop_update(
         if use_momentum
         else None
     )
-    rmsprop_step(
-        new_params,
-        g_leaves,
-        new_sq,
-        new_ga,
-        new_mb,
-        lr=lr,
-        alpha=alpha,
-        eps=eps,
-        weight_decay=weight_decay,
-        momentum=momentum,
-        centered=centered,
-        maximize=maximize,
-        eps_in_sqrt=eps_in_sqrt,
-        lr_in_momentum=lr_in_momentum,
-        decoupled_weight_decay=decoupled_weight_decay,
-        nesterov=nesterov,
-        bias_correction=bias_correction,
-        state_steps=[state.step + 1],
-        loss_scale=loss_scale,
-    )
+    rmsprop_step(new_params, g_leaves, new_sq, new_ga, new_mb, state_steps=[state.step + 1], **step_kwargs)
     unflatten = pytree.tree_unflatten
     new_state = RMSpropState(
         step=state.step + 1,
@@ -207,3 +183,15 @@ def _check_leaves(leaves: list[Any], what: str) -> None:
             raise TypeError(
                 f"rmsprop: {what} must be floating point or complex, got a leaf of dtype {leaf.dtype}"
             )
+
+
+def _update_signature() -> inspect.Signature:
+    """``rmsprop_update``'s signature with every option spelled out (for ``help()``)."""
+    base = inspect.signature(rmsprop_update)
+    params = [p for p in base.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    defaults = RMSpropOptions.defaults()
+    params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=defaults[n]) for n in _STEP_DEFAULTS]
+    return base.replace(parameters=params)
+
+
+rmsprop_update.__signature__ = _update_signature()

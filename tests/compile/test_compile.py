@@ -7,7 +7,7 @@ import torch
 
 from parity import make_params, set_grads
 from npu_optim_compile import NpuFusedRMSprop, rmsprop_step
-from npu_optim_compile import _compile
+from npu_optim_compile import _bucket_step as _compile
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from npu_optim_compile import NpuFusedRMSprop, compile_train_step
+from npu_optim_compile import NpuFusedRMSprop, _bucket_step, compile_train_step
 
 KWARGS = dict(lr=0.01, alpha=0.9, momentum=0.5, centered=True, weight_decay=0.01)
 STEPS = 4
@@ -75,6 +75,20 @@ def test_compiled_train_step_inductor_matches_eager():
     assert counters["stats"]["unique_graphs"] == 2
 
 
+def test_compiled_train_step_with_lr_scheduler_matches_eager_ours_and_compiles_once():
+    """The compiled train step (inductor) over several steps with a scheduler: the
+    result of the eager loop with ours, and one compile of the step graph."""
+    _bucket_step.clear_cache()
+    compiled = compile_train_step(train_step)
+    got = run(lambda ps: NpuFusedRMSprop(ps, **KWARGS), compiled, steps=6)
+    ref = run(lambda ps: NpuFusedRMSprop(ps, **KWARGS), train_step, steps=6)
+    assert_same_training(got, ref, dict(rtol=1e-5, atol=1e-6))
+    # The train step's forward and step graphs, and the bucket step the op runs (the
+    # same one the eager loop runs): no recompile as lr moves, none for the op's context.
+    assert counters["stats"]["unique_graphs"] == 3
+    assert sum(_bucket_step.compile_counts().values()) == 1
+
+
 def test_compile_train_step_installs_the_fusion_pass():
     """A cold compile (caches off: on a cache hit inductor skips custom passes) runs our
     pass over the user's graph, and the result is unchanged."""
@@ -117,10 +131,11 @@ def test_no_graph_break_inside_our_step(scheduler):
     for brk in explained.break_reasons:
         frames = [frame.filename for frame in brk.user_stack]
         assert not any("npu_optim_compile" in f for f in frames), (brk.reason, frames)
-    # The step graph holds the whole update: its foreach ops and the in-place writes.
+    # The step graph holds the whole update as one op (the fused engine behind it).
     step_graph = explained.graphs[-1]
-    targets = {str(n.target) for n in step_graph.graph.nodes if n.op == "call_function"}
-    assert any("_foreach_sqrt" in t for t in targets), sorted(targets)
+    targets = [str(n.target) for n in step_graph.graph.nodes if n.op == "call_function"]
+    assert targets.count("npu_optim_compile.fused_step") == 1, targets
+    assert not any("_foreach" in t for t in targets), targets
 
 
 def test_step_and_zero_grad_trace_with_fullgraph():
@@ -160,8 +175,8 @@ def test_step_and_zero_grad_trace_with_fullgraph():
 
 
 def test_eager_compiled_eager_round_trip():
-    """Eager steps (flat buckets), then compiled steps (per-tensor, buckets released),
-    then eager again (gathered anew): the trajectory of eager torch.optim.RMSprop."""
+    """Eager steps, compiled steps, eager again, all on the same flat buckets: the
+    trajectory of eager torch.optim.RMSprop."""
     compiled = torch.compile(train_step, backend="eager")
     schedule = [train_step, train_step, compiled, compiled, train_step, train_step]
     model = make_model()
@@ -171,6 +186,6 @@ def test_eager_compiled_eager_round_trip():
     for step, fn in enumerate(schedule):
         fn(model, opt, *batch(step))
         train_step(ref_model, ref, *batch(step))
-    assert len(opt._layouts[0].buckets) == 1  # back on the flat-buffer path
+    assert len(opt._engine.layouts()[0].buckets) == 1  # back on the flat-buffer path
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)

@@ -48,18 +48,20 @@ def assert_params(got, expected):
 
 def test_ddp_grads_are_reallocated(results, expected):
     """gradient_as_bucket_view=False: DDP copies the averaged bucket back into each
-    p.grad, which is our flat grad buffer's view: no copy of ours, fully bucketed."""
+    p.grad, autograd's tensor: fully bucketed, and zero_grad(set_to_none=False) moves
+    the grads into our flat grad buffer."""
     res = result_of(results, "ddp_grads_copied")
     assert_params(res["params"], expected)
-    assert (res["bucketed"], res["loose"], res["copies_grads"]) == (4, 0, False)
+    assert (res["bucketed"], res["loose"], res["grads_in_our_buffer"]) == (4, 0, True)
 
 
 def test_ddp_gradient_as_bucket_view(results, expected):
     """gradient_as_bucket_view=True: grads are views of DDP's buckets, which we must not
-    re-point; they are copied into our flat grad buffer, the params still bucketed."""
+    re-point, not even in zero_grad(set_to_none=False); each step copies them into our
+    flat grad buffer, the params still bucketed."""
     res = result_of(results, "ddp_bucket_view")
     assert_params(res["params"], expected)
-    assert (res["bucketed"], res["loose"], res["copies_grads"]) == (4, 0, True)
+    assert (res["bucketed"], res["loose"], res["grads_in_our_buffer"]) == (4, 0, False)
 
 
 def test_ddp_gradient_as_bucket_view_inductor(results, expected):

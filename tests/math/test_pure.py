@@ -115,7 +115,7 @@ def test_initial_square_avg():
     [
         (dict(centered=True), ValueError, "centered=True needs a state with grad_avg"),
         (dict(momentum=0.9), ValueError, "momentum needs a state with a momentum buffer"),
-        (dict(lr=-1.0), ValueError, "Invalid lr value: -1.0"),
+        (dict(lr=-1.0), ValueError, "Invalid learning rate: -1.0"),
     ],
 )
 def test_errors(kwargs, error, message):

@@ -65,9 +65,17 @@ def test_sparse_grad_after_dense_steps_raises():
         opt.step()
 
 
-def test_non_floating_param_raises_type_error():
-    with pytest.raises(TypeError, match="torch.int64"):
-        NpuFusedRMSprop([torch.zeros(3, dtype=torch.int64)])
+def test_non_trainable_integer_param_is_accepted_as_torch_accepts_it():
+    """torch.optim.RMSprop accepts an int64 tensor with requires_grad=False (it never
+    gets a grad); so do we, and a step leaves it as it was."""
+    w = torch.nn.Parameter(torch.randn(3))
+    counter = torch.zeros(3, dtype=torch.int64)
+    for make in (torch.optim.RMSprop, lambda ps: NpuFusedRMSprop(ps, backend="eager")):
+        opt = make([w, counter])
+        w.grad = torch.ones(3)
+        opt.step()
+        assert torch.equal(counter, torch.zeros(3, dtype=torch.int64))
+        assert counter not in opt.state
 
 
 def test_step_hooks_and_state_dict_hooks_run():
@@ -221,7 +229,7 @@ def test_auto_backend_picks_by_device_type():
     from types import SimpleNamespace
 
     opt = NpuFusedRMSprop(make_params())
-    assert opt._resolve_backend(torch.device("cpu")) == "inductor"
+    assert opt._engine._resolve_backend(torch.device("cpu")) == "inductor"
     # torch.device("npu") itself needs torch_npu; only .type is read
-    assert opt._resolve_backend(SimpleNamespace(type="npu")) == "torchair"
-    assert NpuFusedRMSprop(make_params(), backend="eager")._resolve_backend(SimpleNamespace(type="npu")) == "eager"
+    assert opt._engine._resolve_backend(SimpleNamespace(type="npu")) == "torchair"
+    assert NpuFusedRMSprop(make_params(), backend="eager")._engine._resolve_backend(SimpleNamespace(type="npu")) == "eager"

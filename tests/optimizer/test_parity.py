@@ -56,7 +56,7 @@ def test_mixed_dtypes_in_one_group():
     for d in set(dtypes):
         idx = [i for i, x in enumerate(dtypes) if x == d]
         assert_same_state(opt, ref, [po[i] for i in idx], [pr[i] for i in idx], **TOLERANCES[d])
-    assert len(opt._layouts[0].buckets) == 4
+    assert len(opt._engine.layouts()[0].buckets) == 4
 
 
 @pytest.mark.parametrize("lr", [0.05, torch.tensor(0.05)], ids=["float", "tensor"])

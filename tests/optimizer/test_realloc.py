@@ -30,7 +30,7 @@ def test_param_data_replaced(backend):
     pr[0].data = new.clone()
     run(po, pr, ours, ref, 5, start=5)
     assert_same_state(ours, ref, po, pr, **TOL)
-    assert ours._layouts[0].buckets[0].owns(po[0])  # gathered back into the flat buffer
+    assert ours._engine.layouts()[0].buckets[0].owns(po[0])  # gathered back into the flat buffer
 
 
 def test_model_to_channels_last():
@@ -64,7 +64,7 @@ def test_param_leaving_the_bucket_gets_its_own_storage():
     kept = po[1].detach().clone()
     set_grads(1, po, skip=lambda step, i: i == 1)
     ours.step()
-    old_buffers = ours._layouts[0].buckets
+    old_buffers = ours._engine.layouts()[0].buckets
     assert not any(b.owns(po[1]) for b in old_buffers)
     assert torch.equal(po[1].detach(), kept)
     others = [p.detach().clone() for p in po]
@@ -75,16 +75,27 @@ def test_param_leaving_the_bucket_gets_its_own_storage():
             assert torch.equal(p.detach(), before)
 
 
-def test_grads_kept_between_steps_stay_in_the_flat_buffer():
+def test_zero_grad_keeping_grads_moves_them_into_the_flat_buffer():
+    """step() leaves the user's grads where they are; zero_grad(set_to_none=False)
+    points them at their slots (zeroing what they replace), and they stay there."""
     po = make_params()
     ours = NpuFusedRMSprop(po, backend="eager")
     set_grads(0, po)
+    before = [p.grad for p in po]
     ours.step()
-    bucket = ours._layouts[0].buckets[0]
-    assert all(bucket.owns(p.grad) for p in po if p.numel())
+    bucket = ours._engine.layouts()[0].buckets[0]
+    assert all(p.grad is g for p, g in zip(po, before))
+    assert not any(bucket.owns(p.grad) for p in po)
     ours.zero_grad(set_to_none=False)
     assert all(bucket.owns(p.grad) for p in po if p.numel())
     assert torch.count_nonzero(bucket.grad) == 0
+    assert all(torch.count_nonzero(g) == 0 for g in before)  # as torch zeroes them
+    slots = [p.grad for p in po]
+    set_grads_in_place = [p.grad.add_(1.0) for p in po]
+    del set_grads_in_place
+    ours.step()
+    ours.zero_grad(set_to_none=False)
+    assert all(p.grad is s for p, s in zip(po, slots))
 
 
 def test_params_sharing_storage_stay_tied():
@@ -102,7 +113,7 @@ def test_params_sharing_storage_stay_tied():
         opt.step()
     assert a.data_ptr() == b.data_ptr()
     assert c.data_ptr() == kept.data_ptr()
-    (bucket,) = opt._layouts[0].buckets
+    (bucket,) = opt._engine.layouts()[0].buckets
     assert bucket.params == [d]
 
 

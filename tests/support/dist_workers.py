@@ -67,12 +67,16 @@ def _ours(params, backend="eager", **kwargs):
 
 
 def _layout_facts(opt) -> dict:
-    """Which of the optimizer's params went to flat buckets and which stayed loose."""
-    layouts = opt._layouts.values()
+    """Which of the optimizer's params went to flat buckets and which stayed loose, and
+    whether zero_grad(set_to_none=False) moved the grads into our flat grad buffers
+    (never for grads another engine owns)."""
+    layouts = list(opt._engine.layouts().values())
+    opt.zero_grad(set_to_none=False)
+    in_ours = [any(b.owns(p.grad) for b in lay.buckets) for lay in layouts for b0 in lay.buckets for p in b0.params]
     return {
         "bucketed": sum(len(b.params) for lay in layouts for b in lay.buckets),
         "loose": sum(len(lay.loose) for lay in layouts),
-        "copies_grads": any(lay.copies_grads for lay in layouts),
+        "grads_in_our_buffer": all(in_ours) if in_ours else None,
     }
 
 

@@ -148,7 +148,7 @@ def test_package_import_never_imports_torch_npu_or_torchair(tmp_path):
         for info in pkgutil.walk_packages(npu_optim_compile.__path__, "npu_optim_compile."):
             if not info.name.endswith("__main__"):
                 importlib.import_module(info.name)
-        import npu_optim_compile._npu, npu_optim_compile._torchair
+        import npu_optim_compile._npu, npu_optim_compile._torchair_backend
         import npu_optim_compile.passes.ge_ops
         print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch_npu", "torchair")))
         """

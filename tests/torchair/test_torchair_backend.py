@@ -1,4 +1,4 @@
-"""npu_optim_compile._torchair: what the builder sets (fake torchair), checked against the real wheel."""
+"""npu_optim_compile._torchair_backend: what the builder sets (fake torchair), checked against the real wheel."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from npu_fakes import changed_options, fake_npu_backend
 
-from npu_optim_compile import _torchair
+from npu_optim_compile import _torchair_backend as _torchair
 import ge_allowlist
 
 TORCHAIR = "torch_npu/dynamo/torchair"

@@ -16,11 +16,12 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-import npu_optim_compile._torchair as torchair_mod
+import npu_optim_compile._torchair_backend as torchair_mod
 import npu_optim_compile.optimizer as optimizer_mod
 from parity import TOLERANCES, assert_same_state, clone_params, make_params, set_grads
-from npu_optim_compile import NpuFusedRMSprop, _compile
-from npu_optim_compile._compile import FLAGS, StepKey, _make_python_step
+from npu_optim_compile import NpuFusedRMSprop
+from npu_optim_compile import _bucket_step as _compile
+from npu_optim_compile._bucket_step import FLAGS, HYPER_LAYOUT, StepKey, _make_python_step
 from npu_optim_compile._npu import NpuStatus
 from npu_optim_compile.passes import fuse_foreach_ops
 from npu_optim_compile.passes.ge_ops import unsupported_ops
@@ -108,7 +109,7 @@ def trace_bucket_step(flags: frozenset, dtype=torch.float32) -> torch.fx.GraphMo
     post-grad pass (functionalized mutations, views kept), traced with fake tensors."""
     fn = _make_python_step(StepKey("torchair", "cpu", dtype, flags))
     args = [torch.randn(8, dtype=dtype) for _ in range(5)]
-    args += [torch.rand(7, dtype=torch.float32), torch.tensor(2.0), torch.tensor(0.0)]
+    args += [torch.rand(len(HYPER_LAYOUT), dtype=torch.float32), torch.tensor(0.0)]
     return make_fx(torch.func.functionalize(fn, remove="mutations"), tracing_mode="fake")(*args)
 
 

@@ -1,11 +1,12 @@
-"""Compiled bucket steps, cached by structure only.
+"""Compiled bucket steps, cached by structure only, and the hyperparameter layout they read.
 
 A bucket step updates one flat buffer per role (see ``_buckets.py``) by calling
 :func:`~npu_optim_compile.rmsprop_step` on one-element lists. Its hyperparameters come
-in one tensor, ``[lr, alpha, eps, weight_decay, momentum, loss_scale, step]``, so the compiled graph
-depends only on a :class:`StepKey`: backend, device type, dtype and the on/off options. Changing lr, alpha, eps, weight_decay, momentum or
-the step count never recompiles, and every optimizer in the process with the same
-structure shares one compiled graph (shapes are dynamic, so bucket sizes do not matter).
+in one 1-D tensor laid out as :data:`HYPER_LAYOUT`, so the compiled graph depends only
+on a :class:`StepKey`: backend, device type, dtype and the on/off options
+(:meth:`RMSpropOptions.structure`). Changing a value never recompiles, and every
+optimizer in the process with the same structure shares one compiled graph (shapes are
+dynamic, so bucket sizes do not matter).
 
 Note [hyperparameters in one 1-D tensor]: not five 0-d tensors. Fake-tensor conversion
 gives every 0-d CPU float64 input an ``item()`` symbol; tensorification then restarts
@@ -25,30 +26,71 @@ import threading
 import time
 import types
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from ._dump import GraphDump
 from .functional import rmsprop_step
+from .options import RMSpropOptions
 
-__all__ = ["BACKENDS", "FLAGS", "StepKey", "get_bucket_step", "compile_counts", "clear_cache"]
+__all__ = [
+    "BACKENDS",
+    "FLAGS",
+    "HYPER_LAYOUT",
+    "HyperTensor",
+    "StepKey",
+    "clear_cache",
+    "compile_counts",
+    "get_bucket_step",
+    "hyper_dtype",
+]
 
-#: The backends ``NpuFusedRMSprop(backend=...)`` accepts.
+#: The backends ``NpuFusedRMSprop(backend=...)`` accepts (``"auto"`` is resolved per
+#: device before a key is built).
 BACKENDS = ("auto", "inductor", "torchair", "eager")
 
+#: The values a bucket step reads at run time, in the order of its hyper tensor: the
+#: options of kind VALUE, then the bucket's step count (for bias correction).
+HYPER_LAYOUT = ("lr", "alpha", "eps", "weight_decay", "momentum", "loss_scale", "step")
 
-#: The on/off options a compiled step can specialise on (``rmsprop_step`` keywords, plus
-#: ``momentum``: momentum buffers in use, ``weight_decay`` / ``loss_scale``: the value is
-#: not the neutral 0 / 1, ``grad_scale`` / ``found_inf``: AMP tensors are passed).
-FLAGS = frozenset(
-    {
-        "centered", "maximize", "momentum", "weight_decay", "eps_in_sqrt", "lr_in_momentum",
-        "decoupled_weight_decay", "lr_unscaled_decay", "nesterov", "bias_correction",
-        "loss_scale", "grad_scale", "found_inf",
-    }
-)
+#: The on/off flags a compiled step can specialise on: ``RMSpropOptions.structure()``'s,
+#: plus ``found_inf`` (an AMP skip flag is passed).
+FLAGS = RMSpropOptions.structure_flags() | {"found_inf"}
+
+
+def hyper_dtype(device: torch.device) -> torch.dtype:
+    """float64 reproduces torch's Python-float arithmetic (``1 - alpha``, ``-lr``)
+    exactly; the Ascend graph engines handle float32 scalars best."""
+    return torch.float32 if device.type == "npu" else torch.float64
+
+
+class HyperTensor:
+    """One bucket's :data:`HYPER_LAYOUT` values in one 1-D tensor on its device,
+    refreshed before each step (a copy only when a value changed; tensor values, which
+    may change in place, are copied every time, on the device)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.tensor = torch.zeros(len(HYPER_LAYOUT), dtype=hyper_dtype(device), device=device)
+        self._seen: tuple | None = None
+
+    def refresh(self, options: RMSpropOptions, step: Tensor | None = None) -> Tensor:
+        values = tuple(getattr(options, name) for name in HYPER_LAYOUT[:-1])
+        numbers = tuple(None if isinstance(v, Tensor) else v for v in values)
+        if numbers != self._seen:
+            staged = torch.tensor([0.0 if v is None else v for v in numbers] + [0.0], dtype=self.tensor.dtype)
+            if self.tensor.device.type != "cpu":  # no host synchronisation
+                staged = staged.pin_memory()
+            self.tensor.copy_(staged, non_blocking=True)
+            self._seen = numbers
+        for i, v in enumerate(values):
+            if isinstance(v, Tensor):
+                self.tensor[i].copy_(v.detach().reshape(()), non_blocking=True)
+        if step is not None:
+            self.tensor[-1].copy_(step, non_blocking=True)
+        return self.tensor
 
 
 @dataclass(frozen=True)
@@ -93,39 +135,28 @@ def clear_cache() -> None:
 
 def _make_python_step(key: StepKey) -> BucketStep:
     """The bucket step for ``key`` as a fresh function (own code object, see the note)."""
-    on = key.flags.__contains__
-    options = dict(
-        centered=on("centered"),
-        maximize=on("maximize"),
-        eps_in_sqrt=on("eps_in_sqrt"),
-        lr_in_momentum=on("lr_in_momentum"),
-        decoupled_weight_decay=on("decoupled_weight_decay"),
-        lr_scaled_decay=not on("lr_unscaled_decay"),
-        nesterov=on("nesterov"),
-        bias_correction=on("bias_correction"),
-    )
-    centered, momentum, weight_decay, loss_scale_on, amp_scale, amp_skip = map(
-        on, ("centered", "momentum", "weight_decay", "loss_scale", "grad_scale", "found_inf")
+    static = RMSpropOptions.static_step_kwargs(key.flags)
+    centered, momentum, weight_decay, loss_scale_on, amp_skip = map(
+        key.flags.__contains__, ("centered", "momentum", "weight_decay", "loss_scale", "found_inf")
     )
 
-    def step(param, grad, square_avg, grad_avg, momentum_buffer, hyper, grad_scale, found_inf):
-        lr, alpha, eps, wd, mom, loss_scale, t = hyper.unbind()
+    def step(param, grad, square_avg, grad_avg, momentum_buffer, hyper, found_inf):
+        h = dict(zip(HYPER_LAYOUT, hyper.unbind()))
         rmsprop_step(
             [param],
             [grad],
             [square_avg],
             [grad_avg] if centered else None,
             [momentum_buffer] if momentum else None,
-            lr=lr,
-            alpha=alpha,
-            eps=eps,
-            weight_decay=wd if weight_decay else 0.0,
-            momentum=mom,
-            loss_scale=loss_scale if loss_scale_on else 1.0,
-            state_steps=[t],
-            grad_scale=grad_scale if amp_scale else None,
+            lr=h["lr"],
+            alpha=h["alpha"],
+            eps=h["eps"],
+            weight_decay=h["weight_decay"] if weight_decay else 0.0,
+            momentum=h["momentum"],
+            loss_scale=h["loss_scale"] if loss_scale_on else 1.0,
+            state_steps=[h["step"]],
             found_inf=found_inf if amp_skip else None,
-            **options,
+            **static,
         )
 
     code = step.__code__.replace(co_name=key.name(), co_qualname=key.name())
@@ -174,8 +205,8 @@ def _inductor_compiler(key: StepKey) -> Callable:
 
 
 def _torchair_compiler(key: StepKey) -> Callable:
-    """torchair with our pass, on a CompilerConfig of our own (``_torchair.py``)."""
-    from ._torchair import make_torchair_backend  # lazy: never at package import
+    """torchair with our pass, on a CompilerConfig of our own (``_torchair_backend.py``)."""
+    from ._torchair_backend import make_torchair_backend  # lazy: never at package import
     from .passes import torchair_foreach_fusion
 
     def compile_step(gm: torch.fx.GraphModule, example_inputs):
@@ -208,19 +239,41 @@ def _build(key: StepKey) -> BucketStep:
         compiler = _inductor_compiler(key)
     elif key.backend == "torchair":
         compiler = _torchair_compiler(key)
-    else:
-        raise ValueError(f"unknown backend {key.backend!r}; choose one of {BACKENDS}")
+    else:  # StepKey is built from a resolved backend; "auto" never gets here
+        raise ValueError(f"Invalid backend: {key.backend!r}. Choose one of 'inductor', 'torchair', 'eager'")
     # Callers mark dim 0 of the buffers dynamic (``Bucket.step_args``), so every bucket
     # size shares one graph.
     return torch.compile(fn, backend=_counting(key, compiler), fullgraph=True)
 
 
-def get_bucket_step(key: StepKey) -> BucketStep:
-    """The (compiled) bucket step for ``key``, built on first use and then shared."""
+def get_bucket_step(key: StepKey, like: Sequence[Tensor | None] | None = None) -> BucketStep:
+    """The (compiled) bucket step for ``key``, built on first use and then shared.
+
+    With ``like`` (a bucket's step arguments), a step built now is also compiled now,
+    by one call on small scratch buffers shaped like them (dim 0 dynamic, as the real
+    ones): a compile that fails then fails before any real buffer is touched, and the
+    real call reuses the graph.
+    """
     fn = _cache.get(key)
     if fn is None:
         with _lock:
             fn = _cache.get(key)
             if fn is None:
-                fn = _cache[key] = _build(key)
+                fn = _build(key)
+                if like is not None:
+                    _run_on_scratch(fn, key, like)
+                _cache[key] = fn
     return fn
+
+
+def _run_on_scratch(fn: BucketStep, key: StepKey, like: Sequence[Tensor | None]) -> None:
+    def scratch(t: Tensor | None) -> Tensor | None:
+        if t is None:
+            return None
+        s = torch.ones((8,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+        torch._dynamo.maybe_mark_dynamic(s, 0)
+        return s
+
+    device = next(t.device for t in like if t is not None)
+    skip = torch.zeros((), dtype=torch.float32, device=device) if "found_inf" in key.flags else None
+    fn(*map(scratch, like), HyperTensor(device).tensor, skip)
