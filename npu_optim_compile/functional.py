@@ -43,6 +43,43 @@ def _real_views(tensors: Sequence[Tensor]) -> list[Tensor]:
     return [torch.view_as_real(t) if torch.is_complex(t) else t for t in tensors]
 
 
+def _segment_means(masks: Tensor, ids: Tensor, sizes: Tensor) -> Tensor:
+    """For each element of ``masks``, the mean of ``masks`` over its segment.
+
+    ``ids`` holds one segment id (int64, 0..k-1) per element of ``masks.reshape(-1)`` and
+    ``sizes`` the element count of each of the k segments. The sums are taken in at
+    least float32 (exact for 0/1 masks of up to 2**24 elements a segment), divided by the
+    size and rounded to the masks' dtype: what ``Tensor.mean`` gives for one segment on
+    CPU (a sum, then a division). ``index_add_`` and ``index_select`` trace and compile
+    with a dynamic number of elements.
+    """
+    acc = torch.promote_types(masks.dtype, torch.float32)
+    sums = torch.zeros_like(sizes, dtype=acc).index_add_(0, ids, masks.reshape(-1).to(acc))
+    means = (sums / sizes).to(masks.dtype)
+    return means.index_select(0, ids).view(masks.shape)
+
+
+def _cautious(
+    steps: list[Tensor],
+    grads: list[Tensor],
+    segment_ids: Sequence[Tensor] | None,
+    segment_sizes: Sequence[Tensor] | None,
+) -> list[Tensor]:
+    """timm's ``_apply_caution`` (Cautious Optimizers, arXiv 2411.16085): keep the step
+    where its sign agrees with the gradient's (``step * g > 0``), rescaled by
+    ``1 / max(mean(mask), 1e-3)`` with the mean over each parameter; a new list, the
+    inputs are not modified."""
+    masks = torch._foreach_mul(steps, grads)
+    masks = [(m > 0).to(g.dtype) for m, g in zip(masks, grads)]
+    if segment_ids is None:
+        scales = [m.mean() for m in masks]
+    else:
+        scales = [_segment_means(m, i, k) for m, i, k in zip(masks, segment_ids, segment_sizes)]
+    scales = [x.clamp_min(1e-3) for x in scales]
+    masks = torch._foreach_div(masks, scales)
+    return torch._foreach_mul(steps, masks)
+
+
 def check_options(
     *,
     momentum_buffers: bool,
@@ -83,6 +120,11 @@ def rmsprop_step(
     loss_scale: Scalar = 1.0,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    caution: bool = False,
+    corrected_weight_decay: bool = False,
+    max_lr: Scalar | None = None,
+    segment_ids: Sequence[Tensor] | None = None,
+    segment_sizes: Sequence[Tensor] | None = None,
 ) -> None:
     r"""One RMSprop step over lists of tensors, in place, with ``torch._foreach_*`` ops.
 
@@ -97,7 +139,8 @@ def rmsprop_step(
         \begin{aligned}
         g &\leftarrow g / s, \qquad g \leftarrow -g \ \text{(maximize)} \\
         g &\leftarrow g + \lambda \theta
-            \quad\text{or, decoupled,}\quad \theta \leftarrow \theta (1 - \gamma\lambda) \\
+            \quad\text{or, decoupled,}\quad \theta \leftarrow \theta (1 - \gamma\lambda)
+            \quad\text{(corrected: } \theta \leftarrow \theta (1 - (\gamma^2 / \gamma_{\max})\lambda)) \\
         v &\leftarrow \alpha v + (1 - \alpha) g^2, \qquad
             \bar g \leftarrow \bar g + (1 - \alpha)(g - \bar g) \ \text{(centered)} \\
         c &\leftarrow 1 - \alpha^t \ \text{(bias correction, else } c = 1), \qquad
@@ -111,6 +154,18 @@ def rmsprop_step(
             \qquad\text{(lr in momentum; Nesterov: } \theta \leftarrow \theta - (\gamma u + \mu b)) \\
         \theta &\leftarrow \theta - \gamma u \qquad\text{(no momentum buffers)}
         \end{aligned}
+
+    With ``caution`` (momentum buffers only), the step :math:`b` subtracted from
+    :math:`\theta` above (:math:`u + \mu b` with Nesterov) is replaced, for the update
+    only, by
+
+    .. math::
+
+        m = [\, b \odot g > 0 \,], \qquad
+        b \odot m \,/\, \max(\operatorname{mean}(m), 10^{-3})
+
+    with :math:`g` the gradient after decay and the mean over each parameter tensor
+    (a reduction, not element-wise); the stored buffer stays unmasked.
 
     The defaults give ``torch.optim.RMSprop``'s update exactly: :math:`\epsilon` outside
     the root, no bias correction, lr outside the momentum buffer, coupled (L2) decay.
@@ -148,6 +203,28 @@ def rmsprop_step(
             (``torch.amp.GradScaler``'s unscale).
         found_inf: AMP: where it is nonzero, params and state keep their old values (the
             step is skipped without a host synchronisation).
+        caution: timm's ``caution`` ("Cautious Optimizers", timm 1.0.31
+            ``optim/rmsprop_tf.py`` lines 248-252 and 285-292): multiply the applied
+            momentum step by the mask :math:`b g > 0`, divided by the mask's mean over
+            the parameter clamped to at least 1e-3. The stored momentum buffer is not
+            masked. As in timm it acts only on the momentum form: with no momentum
+            buffers it does nothing. With Nesterov (which timm lacks) the mask applies
+            to :math:`u + \mu b`.
+        corrected_weight_decay: timm's ``corrected_weight_decay`` (rmsprop_tf.py line
+            262): with decoupled, lr-scaled decay, shrink by :math:`1 -
+            (\gamma^2 / \gamma_{\max})\lambda` instead of :math:`1 - \gamma\lambda`.
+            Needs ``max_lr``. As in timm it does nothing with coupled decay; with
+            ``lr_scaled_decay=False`` it raises.
+        max_lr: :math:`\gamma_{\max}` for ``corrected_weight_decay`` (> 0; a number or
+            a 0-d tensor). timm uses the lr given to the constructor (its param
+            groups' ``max_lr_snapshot``).
+        segment_ids, segment_sizes: for ``caution`` on flat buffers that hold several
+            params back to back: per list element, ``segment_ids`` has one int64 id
+            (0..k-1) per element of the element's flattened real view (2 per complex
+            number) and ``segment_sizes`` the element count of each of its k segments.
+            The mask mean is then taken per segment, so a flat buffer gives what the
+            per-param lists give. None (the default): each list element is one param.
+            Used only with ``caution``.
 
     Complex tensors are updated as pairs of real numbers (``torch.view_as_real``), as
     torch.optim.RMSprop does. The function is traceable by
@@ -170,6 +247,18 @@ def rmsprop_step(
             f"rmsprop_step: expected {n} momentum_buffers (or none), got {len(momentum_buffers)}"
         )
     check_options(momentum_buffers=bool(momentum_buffers), nesterov=nesterov, loss_scale=loss_scale)
+    if corrected_weight_decay:
+        if max_lr is None or (not _is_tensor(max_lr) and not max_lr > 0):
+            raise ValueError(f"rmsprop_step: corrected_weight_decay=True needs max_lr > 0, got {max_lr}")
+        if decoupled_weight_decay and not lr_scaled_decay:
+            raise ValueError("rmsprop_step: corrected_weight_decay=True needs lr_scaled_decay=True")
+    if caution and (segment_ids is None) != (segment_sizes is None):
+        raise ValueError("rmsprop_step: give both segment_ids and segment_sizes, or neither")
+    if caution and segment_ids is not None and (len(segment_ids) != n or len(segment_sizes) != n):
+        raise ValueError(
+            f"rmsprop_step: expected {n} segment_ids and segment_sizes, got "
+            f"{len(segment_ids)} and {len(segment_sizes)}"
+        )
     steps: list[Scalar] = []
     if bias_correction:
         steps = list(state_steps or [])
@@ -198,7 +287,10 @@ def rmsprop_step(
         grads = torch._foreach_neg(grads)
     if _is_tensor(weight_decay) or weight_decay != 0:
         if decoupled_weight_decay:
-            shrink = 1 - lr * weight_decay if lr_scaled_decay else 1 - weight_decay
+            if corrected_weight_decay:  # timm: wd_scale = lr ** 2 / max_lr
+                shrink = 1 - lr**2 / max_lr * weight_decay
+            else:
+                shrink = 1 - lr * weight_decay if lr_scaled_decay else 1 - weight_decay
             torch._foreach_mul_(params, shrink)
         else:
             grads = torch._foreach_add(grads, torch._foreach_mul(params, weight_decay))
@@ -245,6 +337,8 @@ def rmsprop_step(
         step = momentum_buffers
         if nesterov:
             step = torch._foreach_add(update, torch._foreach_mul(momentum_buffers, momentum))
+        if caution:
+            step = _cautious(step, grads, segment_ids, segment_sizes)
         if lr_in_momentum:
             torch._foreach_sub_(params, step)
         else:
