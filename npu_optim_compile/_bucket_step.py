@@ -46,6 +46,7 @@ __all__ = [
     "compile_counts",
     "get_bucket_step",
     "hyper_dtype",
+    "segments_like",
 ]
 
 #: The backends ``NpuFusedRMSprop(backend=...)`` accepts (``"auto"`` is resolved per
@@ -54,7 +55,7 @@ BACKENDS = ("auto", "inductor", "torchair", "eager")
 
 #: The values a bucket step reads at run time, in the order of its hyper tensor: the
 #: options of kind VALUE, then the bucket's step count (for bias correction).
-HYPER_LAYOUT = ("lr", "alpha", "eps", "weight_decay", "momentum", "loss_scale", "step")
+HYPER_LAYOUT = ("lr", "alpha", "eps", "weight_decay", "momentum", "loss_scale", "max_lr", "step")
 
 #: The on/off flags a compiled step can specialise on: ``RMSpropOptions.structure()``'s,
 #: plus ``found_inf`` (an AMP skip flag is passed).
@@ -79,7 +80,7 @@ class HyperTensor:
     def refresh(self, options: RMSpropOptions, step: Tensor | None = None) -> Tensor:
         values = tuple(getattr(options, name) for name in HYPER_LAYOUT[:-1])
         numbers = tuple(None if isinstance(v, Tensor) else v for v in values)
-        if numbers != self._seen:
+        if numbers != self._seen:  # (an unset value, max_lr without corrected decay, reads 0)
             staged = torch.tensor([0.0 if v is None else v for v in numbers] + [0.0], dtype=self.tensor.dtype)
             if self.tensor.device.type != "cpu":  # no host synchronisation
                 staged = staged.pin_memory()
@@ -136,11 +137,12 @@ def clear_cache() -> None:
 def _make_python_step(key: StepKey) -> BucketStep:
     """The bucket step for ``key`` as a fresh function (own code object, see the note)."""
     static = RMSpropOptions.static_step_kwargs(key.flags)
-    centered, momentum, weight_decay, loss_scale_on, amp_skip = map(
-        key.flags.__contains__, ("centered", "momentum", "weight_decay", "loss_scale", "found_inf")
+    centered, momentum, weight_decay, loss_scale_on, amp_skip, caution, corrected = map(
+        key.flags.__contains__,
+        ("centered", "momentum", "weight_decay", "loss_scale", "found_inf", "caution", "corrected_weight_decay"),
     )
 
-    def step(param, grad, square_avg, grad_avg, momentum_buffer, hyper, found_inf):
+    def step(param, grad, square_avg, grad_avg, momentum_buffer, hyper, found_inf, segment_ids, segment_sizes):
         h = dict(zip(HYPER_LAYOUT, hyper.unbind()))
         rmsprop_step(
             [param],
@@ -156,6 +158,9 @@ def _make_python_step(key: StepKey) -> BucketStep:
             loss_scale=h["loss_scale"] if loss_scale_on else 1.0,
             state_steps=[h["step"]],
             found_inf=found_inf if amp_skip else None,
+            max_lr=h["max_lr"] if corrected else None,
+            segment_ids=[segment_ids] if caution else None,
+            segment_sizes=[segment_sizes] if caution else None,
             **static,
         )
 
@@ -274,6 +279,26 @@ def _run_on_scratch(fn: BucketStep, key: StepKey, like: Sequence[Tensor | None])
         torch._dynamo.maybe_mark_dynamic(s, 0)
         return s
 
-    device = next(t.device for t in like if t is not None)
+    buffers = list(map(scratch, like))
+    device = buffers[0].device
     skip = torch.zeros((), dtype=torch.float32, device=device) if "found_inf" in key.flags else None
-    fn(*map(scratch, like), HyperTensor(device).tensor, skip)
+    half = buffers[0].numel() // 2  # two segments: a count of 1 would be specialised
+    segments = segments_like(buffers[0], [half, half], "caution" in key.flags)
+    fn(*buffers, HyperTensor(device).tensor, skip, *segments)
+
+
+def segments_like(flat: Tensor, sizes: Sequence[int], on: bool) -> tuple[Tensor | None, Tensor | None]:
+    """``rmsprop_step``'s ``segment_ids`` / ``segment_sizes`` for a flat buffer (its real
+    view) holding params of ``sizes`` real elements back to back; ``(None, None)`` when
+    ``on`` is false (caution off).
+
+    ``segment_sizes`` gets one unused trailing segment of size 1: inductor (torch 2.13,
+    CPU) fails to generate the scatter-add of the per-segment sums into a buffer of
+    size 1, which a bucket of one param would need."""
+    if not on:
+        return None, None
+    counts = torch.tensor(list(sizes) + [1], dtype=torch.int64, device=flat.device)
+    ids = torch.repeat_interleave(torch.arange(len(sizes), device=flat.device), counts[:-1])
+    torch._dynamo.maybe_mark_dynamic(ids, 0)
+    torch._dynamo.maybe_mark_dynamic(counts, 0)
+    return ids, counts.to(torch.float32)

@@ -106,6 +106,9 @@ class Bucket:
     step_args: list[Tensor | None] = field(init=False, repr=False)
     slot_ptrs: tuple[int, ...] = field(init=False, repr=False)
     take_grads: Callable[[Sequence], tuple] = field(init=False, repr=False)
+    #: Which param each element of the real flat view belongs to (timm's caution takes
+    #: a mean per param), built on first use: ``(segment_ids, segment_sizes)``.
+    segments: tuple[Tensor, Tensor] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         def arg(flat: Tensor | None) -> Tensor | None:

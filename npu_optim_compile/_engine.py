@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._bucket_step import HyperTensor, StepKey, get_bucket_step
+from ._bucket_step import HyperTensor, StepKey, get_bucket_step, segments_like
 from ._buckets import Bucket, GroupLayout, check_grads, grad_pointers
 from ._dump import bucket_context
 from ._ownership import is_foreign, local_tensors
@@ -299,11 +299,12 @@ class StepEngine:
             bucket.load_grads(bucket.take_grads(grads), bucket.take_grads(ptrs))
             skip = None if found_inf is None else found_inf.to(bucket.device, non_blocking=True)
             hyper = compiled.hyper.refresh(options, bucket.steps[0] + 1 if options.bias_correction else None)
+            segments = _segments(bucket) if options.caution else (None, None)
             if self.dump_dir:
                 with bucket_context(self.describe()):
-                    fn(*bucket.step_args, hyper, skip)
+                    fn(*bucket.step_args, hyper, skip, *segments)
             else:
-                fn(*bucket.step_args, hyper, skip)
+                fn(*bucket.step_args, hyper, skip, *segments)
             bucket.steps.add_(1 if skip is None else 1 - skip)
             # The step wrote to the flat buffer, not through `p`: tell autograd, so a graph
             # that saved a param before the step still fails on backward, as with torch.
@@ -333,6 +334,13 @@ class StepEngine:
             **options.step_kwargs(),
         )
         torch._foreach_add_(steps, 1 if skip is None else 1 - skip)
+
+
+def _segments(bucket: Bucket) -> tuple[Tensor, Tensor]:
+    if bucket.segments is None:
+        per = 2 if bucket.param.is_complex() else 1
+        bucket.segments = segments_like(bucket.step_args[0], [p.numel() * per for p in bucket.params], True)
+    return bucket.segments
 
 
 def _slot_param_ptr(bucket: Bucket, slot: Tensor) -> int:

@@ -52,9 +52,21 @@ def check_hyperparameters(**values: float | Tensor) -> None:
 
 
 def check_option_combination(
-    *, momentum_buffers: bool, nesterov: bool, loss_scale: float | Tensor, initial_square_avg: float
+    *,
+    momentum_buffers: bool,
+    nesterov: bool,
+    loss_scale: float | Tensor,
+    initial_square_avg: float,
+    corrected_weight_decay: bool = False,
+    max_lr: float | Tensor | None = None,
+    lr_scaled_decay: bool = True,
 ) -> None:
     """``ValueError`` for option values and combinations that make no sense."""
+    if corrected_weight_decay:
+        if max_lr is None or (not isinstance(max_lr, Tensor) and not max_lr > 0):
+            raise ValueError(f"Invalid max_lr value: {max_lr} (corrected_weight_decay=True needs max_lr > 0)")
+        if not lr_scaled_decay:
+            raise ValueError("corrected_weight_decay=True needs lr_scaled_decay=True")
     if nesterov and not momentum_buffers:
         raise ValueError("nesterov=True needs momentum: set momentum > 0 (or pass momentum buffers)")
     if not isinstance(loss_scale, Tensor) and not loss_scale > 0:

@@ -110,6 +110,12 @@ class NpuFusedRMSprop(Optimizer):
         loss_scale: the gradients are divided by it (MindSpore's fixed loss scale).
         lr_scaled_decay: with decoupled decay, ``False`` shrinks by :math:`1 - \lambda`
             without the lr factor (torch_npu's ``NpuFusedRMSpropTF``).
+        caution: timm's cautious mask: where the momentum step's sign disagrees with the
+            gradient's it is dropped, the rest rescaled by the kept fraction (per param).
+        corrected_weight_decay: timm's: decoupled decay scaled by
+            :math:`\gamma^2 / \gamma_{\max}` instead of :math:`\gamma`.
+        max_lr: :math:`\gamma_{\max}`; by default the ``lr`` given here (timm's
+            ``max_lr_snapshot``).
 
     Hyperparameters live in a tensor inside the compiled graph: changing them, with an
     LR scheduler or by hand, never recompiles. The state_dict has torch.optim.RMSprop's
@@ -162,6 +168,8 @@ class NpuFusedRMSprop(Optimizer):
         **options: Any,
     ) -> None:
         RMSpropOptions.check_keywords(options, type(self).__name__)
+        if options.get("corrected_weight_decay") and options.get("max_lr") is None:
+            options["max_lr"] = float(lr)  # timm's max_lr_snapshot: the constructor's lr
         chosen = RMSpropOptions(
             lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered, **options
         )

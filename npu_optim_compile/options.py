@@ -62,6 +62,9 @@ class RMSpropOptions:
     nesterov: bool = _option(False, STRUCTURE, "Nesterov momentum, optax's form (needs momentum > 0)")
     bias_correction: bool = _option(False, STRUCTURE, "divide the averages by 1 - alpha^t (optax)")
     loss_scale: Scalar = _option(1.0, VALUE, "the grads are divided by it first (MindSpore's fixed loss scale)")
+    caution: bool = _option(False, STRUCTURE, "timm's cautious mask on the momentum step")
+    corrected_weight_decay: bool = _option(False, STRUCTURE, "decoupled decay scaled by lr**2 / max_lr (timm)")
+    max_lr: Scalar | None = _option(None, VALUE, "max_lr of corrected_weight_decay (default: the constructor's lr)")
 
     def __post_init__(self) -> None:
         check_hyperparameters(
@@ -72,6 +75,9 @@ class RMSpropOptions:
             nesterov=self.nesterov,
             loss_scale=self.loss_scale,
             initial_square_avg=self.initial_square_avg,
+            corrected_weight_decay=self.corrected_weight_decay,
+            max_lr=self.max_lr,
+            lr_scaled_decay=self.lr_scaled_decay,
         )
 
     # -- construction -------------------------------------------------------------

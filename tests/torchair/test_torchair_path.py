@@ -21,7 +21,7 @@ import npu_optim_compile.optimizer as optimizer_mod
 from parity import TOLERANCES, assert_same_state, clone_params, make_params, set_grads
 from npu_optim_compile import NpuFusedRMSprop
 from npu_optim_compile import _bucket_step as _compile
-from npu_optim_compile._bucket_step import FLAGS, HYPER_LAYOUT, StepKey, _make_python_step
+from npu_optim_compile._bucket_step import FLAGS, HYPER_LAYOUT, StepKey, _make_python_step, segments_like
 from npu_optim_compile._npu import NpuStatus
 from npu_optim_compile.passes import fuse_foreach_ops
 from npu_optim_compile.passes.ge_ops import unsupported_ops
@@ -110,6 +110,7 @@ def trace_bucket_step(flags: frozenset, dtype=torch.float32) -> torch.fx.GraphMo
     fn = _make_python_step(StepKey("torchair", "cpu", dtype, flags))
     args = [torch.randn(8, dtype=dtype) for _ in range(5)]
     args += [torch.rand(len(HYPER_LAYOUT), dtype=torch.float32), torch.tensor(0.0)]
+    args += list(segments_like(args[0], [5, 3], "caution" in flags))
     return make_fx(torch.func.functionalize(fn, remove="mutations"), tracing_mode="fake")(*args)
 
 
@@ -125,6 +126,8 @@ def _combinations():
             flags = on | rest
             if "nesterov" in flags and "momentum" not in flags:
                 flags.discard("nesterov")
+            if "lr_unscaled_decay" in flags:  # corrected decay needs the lr-scaled one
+                flags.discard("corrected_weight_decay")
             yield frozenset(flags)
 
 
