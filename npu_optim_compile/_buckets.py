@@ -99,7 +99,7 @@ class Bucket:
     grad: Tensor
     state: dict[str, Tensor]
     steps: Tensor
-    #: Each param's slot in ``grad`` (what zero_grad(set_to_none=False) makes p.grad).
+    #: Each param's slot in ``grad`` (zero_grad(set_to_none=False) makes p.grad a view of it).
     slots: list[Tensor] = field(repr=False)
     #: What the compiled step receives: the param, grad, square_avg, grad_avg and
     #: momentum_buffer buffers as real tensors (None for roles not in use).
@@ -130,6 +130,11 @@ class Bucket:
     @property
     def numel(self) -> int:
         return self.param.numel()
+
+    @property
+    def numel_real(self) -> int:
+        """Elements of the flat buffers as the grads count them (complex: as complex)."""
+        return self.grad.numel()
 
     @staticmethod
     def gather(params: list[Tensor], indices: tuple[int, ...], states: dict, roles: tuple[str, ...]) -> Bucket:
@@ -191,12 +196,13 @@ class Bucket:
         if ptrs == self.slot_ptrs:
             return
         moved = list(map(operator.ne, ptrs, self.slot_ptrs))
-        if all(moved):
-            slots, sources = self.slots, list(grads)
+        if all(moved):  # the default loop: every grad is autograd's new tensor
+            slots, sources, source_ptrs, expected = self.slots, list(grads), ptrs, self.numel_real
         else:
             slots, sources = list(compress(self.slots, moved)), list(compress(grads, moved))
+            source_ptrs, expected = tuple(compress(ptrs, moved)), sum(map(Tensor.numel, slots))
         lo, hi = self.grad.data_ptr(), self.grad.data_ptr() + self.grad.numel() * self.grad.element_size()
-        if any(lo <= ptr < hi for ptr in compress(ptrs, moved)):
+        if min(source_ptrs) < hi and max(source_ptrs) >= lo and any(lo <= q < hi for q in source_ptrs):
             # A grad that lives in another param's slot, which this copy overwrites.
             sources = [g.clone() if lo <= g.data_ptr() < hi else g for g in sources]
         try:
@@ -206,8 +212,15 @@ class Bucket:
             self._check_grad_shapes(grads)
             raise
         # copy_ broadcasts: a smaller grad of another shape would fill its slot silently.
-        if sum(map(Tensor.numel, sources)) != sum(map(Tensor.numel, slots)):
+        if sum(map(Tensor.numel, sources)) != expected:
             self._check_grad_shapes(grads)
+
+    @staticmethod
+    def slot_view(slot: Tensor) -> Tensor:
+        """A new view of a grad slot, to hand out as ``p.grad``: the bucket's own slot
+        objects are never handed out, so ``p.grad.data = t`` or ``p.grad.set_(t)`` by the
+        user cannot move them."""
+        return slot.as_strided(slot.shape, slot.stride(), slot.storage_offset())
 
     def _check_grad_shapes(self, grads: Sequence[Tensor]) -> None:
         for p, g in zip(self.params, grads):

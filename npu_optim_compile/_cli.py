@@ -1,4 +1,4 @@
-"""``python -m npu_optim_compile``: see what the optimizer compiles for a model.
+"""python -m npu_optim_compile: see what the optimizer compiles for a model.
 
     python -m npu_optim_compile explain            # the default model, a table
     python -m npu_optim_compile explain --tensors 1000 --elements 4000000 \\
@@ -27,7 +27,11 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m npu_optim_compile", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m npu_optim_compile",
+        description=__doc__.split("\n\n", 1)[1],  # the plain-text part (no reST markup)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("explain", "print a table of buckets, kernels and compile time"),
                             ("dump", "write each compiled graph's files (see --out)")):
@@ -92,14 +96,18 @@ def run(args: argparse.Namespace, out: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "dump":
-        out = Path(args.out)
-        print(run(args, out))
-        print(f"\ngraph files written under {out.resolve()}")
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            print(run(args, Path(tmp)))
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "dump":
+            out = Path(args.out)
+            print(run(args, out))
+            print(f"\ngraph files written under {out.resolve()}")
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                print(run(args, Path(tmp)))
+    except (ValueError, TypeError) as e:  # the optimizer's own argument errors
+        parser.exit(2, f"{parser.prog} {args.command}: error: {e}\n")
     return 0
 
 

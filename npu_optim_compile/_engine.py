@@ -158,7 +158,8 @@ class StepEngine:
         """``zero_grad(set_to_none=False)`` for the params in buckets: point each grad at
         its slot of the flat grad buffer (backward then accumulates straight into it)
         and zero each flat grad buffer at once. Returns the grads left for the caller
-        to zero as torch does (loose params, params not gathered yet, foreign grads)."""
+        to zero as torch does (loose params, groups not gathered yet, foreign grads, and
+        the tensors a re-pointed grad replaced, which torch would have zeroed)."""
         rest: list[Tensor] = []
         for index, group in enumerate(param_groups):
             gparams = group["params"]
@@ -168,18 +169,18 @@ class StepEngine:
             if layout is None or tuple(map(operator.is_, grads, repeat(None))) != layout.no_grad:
                 rest += [g for g in grads if g is not None]
                 continue
-            in_buckets = set()
+            present = layout.take_params(grads)
             for bucket in layout.buckets:
-                bgrads = bucket.take_grads(layout.take_params(grads))
-                for p, g, slot in zip(bucket.params, bgrads, bucket.slots):
-                    in_buckets.add(id(p))
-                    if g is slot or g.data_ptr() == slot.data_ptr():
-                        continue
-                    rest.append(g)  # zeroed as torch does: a reference the user kept reads 0
-                    if not is_foreign(g) and p.data_ptr() == _slot_param_ptr(bucket, slot):
-                        p.grad = slot  # (DDP's bucket views and params that moved stay)
+                bgrads = bucket.take_grads(present)
+                if tuple(map(Tensor.data_ptr, bgrads)) != bucket.slot_ptrs:
+                    for p, g, slot in zip(bucket.params, bgrads, bucket.slots):
+                        if g.data_ptr() == slot.data_ptr():
+                            continue
+                        rest.append(g)  # zeroed as torch does: a reference the user kept reads 0
+                        if not is_foreign(g) and p.data_ptr() == _slot_param_ptr(bucket, slot):
+                            p.grad = bucket.slot_view(slot)  # (DDP's bucket views and params that moved stay)
                 bucket.grad.zero_()
-            rest += [g for p, g in zip(gparams, grads) if g is not None and id(p) not in in_buckets]
+            rest += layout.take_loose(present)
         return rest
 
     def step_buffers(self, state: dict) -> list[Tensor]:
@@ -315,25 +316,42 @@ class StepEngine:
 
     @staticmethod
     def _step_loose(params: list[Tensor], grads, options: RMSpropOptions, state, found_inf: Tensor | None) -> None:
-        # DTensors (FSDP2) are updated through their local shards; their state stays DTensor.
-        states = [state[p] for p in params]
-        steps = [st["step"] for st in states]
+        """The per-tensor step for params that are not in a flat bucket.
 
-        def role(name: str) -> list[Tensor] | None:
-            return local_tensors([st[name] for st in states]) if name in options.roles else None
+        A param listed twice in a group is updated twice, one update after the other,
+        as torch.optim.RMSprop does (it warns about the duplicate at construction): the
+        params go in rounds in which each appears at most once."""
+        rounds: list[list[int]] = []
+        seen: dict[int, int] = {}
+        for i, p in enumerate(params):
+            k = seen[id(p)] = seen.get(id(p), -1) + 1
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append(i)
+        for indices in rounds:
+            ps = [params[i] for i in indices]
+            _step_tensors(ps, [grads[i] for i in indices], [state[p] for p in ps], options, found_inf)
 
-        skip = None if found_inf is None else found_inf.to(steps[0].device)
-        rmsprop_step(
-            local_tensors(params),
-            local_tensors(grads, like=params),
-            role("square_avg"),
-            role("grad_avg"),
-            role("momentum_buffer"),
-            state_steps=[t + 1 for t in steps] if options.bias_correction else None,
-            found_inf=found_inf,
-            **options.step_kwargs(),
-        )
-        torch._foreach_add_(steps, 1 if skip is None else 1 - skip)
+
+def _step_tensors(params, grads, states, options: RMSpropOptions, found_inf: Tensor | None) -> None:
+    # DTensors (FSDP2) are updated through their local shards; their state stays DTensor.
+    steps = [st["step"] for st in states]
+
+    def role(name: str) -> list[Tensor] | None:
+        return local_tensors([st[name] for st in states]) if name in options.roles else None
+
+    skip = None if found_inf is None else found_inf.to(steps[0].device)
+    rmsprop_step(
+        local_tensors(params),
+        local_tensors(grads, like=params),
+        role("square_avg"),
+        role("grad_avg"),
+        role("momentum_buffer"),
+        state_steps=[t + 1 for t in steps] if options.bias_correction else None,
+        found_inf=found_inf,
+        **options.step_kwargs(),
+    )
+    torch._foreach_add_(steps, 1 if skip is None else 1 - skip)
 
 
 def _segments(bucket: Bucket) -> tuple[Tensor, Tensor]:

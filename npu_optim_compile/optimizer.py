@@ -357,8 +357,8 @@ class NpuFusedRMSprop(Optimizer):
             for bucket in layout.buckets:
                 bucket.load_grads(bucket.take_grads(grads), bucket.take_grads(ptrs))
                 for p, slot in zip(bucket.params, bucket.slots):
-                    if p.grad is not slot and not is_foreign(p.grad):
-                        p.grad = slot
+                    if p.grad.data_ptr() != slot.data_ptr() and not is_foreign(p.grad):
+                        p.grad = bucket.slot_view(slot)
                 out.append(bucket.grad)
         return out
 

@@ -154,3 +154,56 @@ def test_torch_grad_scaler_uses_the_new_contract_without_warning():
 def test_step_rejects_unknown_keywords():
     with pytest.raises(TypeError, match="unexpected keyword"):
         NpuFusedRMSprop(make_params()).step(foo=1)
+
+
+def _grads(params):
+    return [p.grad.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("scaler_cls", [torch.amp.GradScaler, LegacyContractScaler], ids=["torch", "legacy"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loop", ["accumulate", "kept", "fresh"])
+def test_grads_are_left_unscaled_as_torch_leaves_them(loop, dtype, scaler_cls):
+    """After scaler.step, p.grad holds the unscaled gradient, as torch.optim.RMSprop's
+    (GradScaler.unscale_ writes in place), skipped steps included. "accumulate" trains
+    without zero_grad, so every later step reads what the earlier one left in .grad;
+    "kept" zeroes with set_to_none=False (grads live in our flat buffer); "fresh" with
+    the default set_to_none=True."""
+    po = make_params(dtype)
+    pr = clone_params(po)
+    ours = NpuFusedRMSprop(po, **OPTIONS, backend="inductor")
+    ref = torch.optim.RMSprop(pr, **OPTIONS)
+    kw = dict(init_scale=2.0**7, growth_interval=3)
+    so, sr = scaler_cls("cpu", **kw), torch.amp.GradScaler("cpu", **kw)
+    for step in range(8):
+        for params, opt, scaler in ((po, ours, so), (pr, ref, sr)):
+            if loop != "accumulate":
+                opt.zero_grad(set_to_none=loop == "fresh")
+            scaled_backward(params, step, scaler.scale)
+            scaler.step(opt)
+            scaler.update()
+        for i, (a, b) in enumerate(zip(_grads(po), _grads(pr))):
+            torch.testing.assert_close(a, b, **TOLERANCES[dtype], equal_nan=True, msg=lambda m: f"step {step} grad {i}: {m}")
+    assert_same_state(ours, ref, po, pr, **TOLERANCES[dtype])
+
+
+def test_one_param_reproduction_from_the_issue():
+    """True grad [1, 2, 3, 4], GradScaler(init_scale=128): torch leaves [1, 2, 3, 4] in
+    p.grad after scaler.step, and three more steps without zero_grad agree."""
+    results = []
+    for make in (torch.optim.RMSprop, lambda ps: NpuFusedRMSprop(ps, backend="eager")):
+        p = torch.nn.Parameter(torch.zeros(4))
+        opt = make([p])
+        scaler = torch.amp.GradScaler("cpu", init_scale=128.0)
+        grads = []
+        for _ in range(4):
+            scaler.scale((p * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum()).backward()
+            scaler.step(opt)
+            scaler.update()
+            grads.append(p.grad.clone())
+        results.append((p.detach().clone(), grads))
+    (p_ours, g_ours), (p_ref, g_ref) = results[1], results[0]
+    assert torch.equal(g_ref[0], torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(p_ours, p_ref)

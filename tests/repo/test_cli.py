@@ -35,3 +35,17 @@ def test_bad_arguments_say_what_is_wrong():
     out = subprocess.run([sys.executable, "-m", "npu_optim_compile", "explain", "--dtypes", "int8"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "unknown floating dtype 'int8'" in out.stderr
+
+
+def test_invalid_hyperparameter_is_a_usage_error_not_a_traceback():
+    out = subprocess.run([sys.executable, "-m", "npu_optim_compile", "explain", "--lr", "-1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "error: Invalid learning rate: -1.0" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_help_is_plain_text():
+    out = subprocess.run([sys.executable, "-m", "npu_optim_compile", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "explain --tensors 1000" in out.stdout
+    assert "``" not in out.stdout and ":func:" not in out.stdout
