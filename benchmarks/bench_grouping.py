@@ -1,9 +1,11 @@
 """Measure what the foreach fusion pass should do with foreach ops over unrelated tensors.
 
-Not a test (pytest does not collect it).  Each run compiles one RMSprop step with real
-inductor (cold caches) and prints compile time and steady-state step time::
+An experiment, not a test (``tests/repo/test_benchmarks.py`` only smoke-runs it with a few
+tensors).  Each run compiles one RMSprop step with real inductor (a fresh inductor cache
+unless ``TORCHINDUCTOR_CACHE_DIR`` is set; the FX graph cache is off) and prints compile
+time and steady-state step time.  From the repository root::
 
-    python tests/passes/bench_grouping.py VARIANT [N_TENSORS]
+    python benchmarks/bench_grouping.py VARIANT [N_TENSORS]     # N_TENSORS: default 200
 
 Variants over N unrelated tensors of mixed shapes (about 4 M fp32 elements for N=200):
 
@@ -110,5 +112,9 @@ def main(variant: str, n: int) -> None:
     )
 
 
+VARIANTS = ("foreach", "lowered", "grouped", "views", "views_pass")
+
 if __name__ == "__main__":
+    if len(sys.argv) not in (2, 3) or sys.argv[1] not in VARIANTS:
+        sys.exit(f"usage: python benchmarks/bench_grouping.py {{{'|'.join(VARIANTS)}}} [N_TENSORS]")
     main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 200)

@@ -1,0 +1,153 @@
+"""The benchmarks run: a seconds-long smoke run of ``benchmarks/bench_rmsprop.py`` (tiny
+model, quick, no torch.compile baselines), its ``--table`` and ``--plot``, ``--profile``,
+and ``benchmarks/bench_grouping.py`` with a few tensors.
+
+Each runs as a user runs it, in a subprocess from the repository root. They share
+torch's own inductor cache directory (``--cache-dir default``), as the rest of the test
+suite does, so that only the first compile of a session is cold.
+"""
+
+from __future__ import annotations
+
+import getpass
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = "benchmarks/bench_rmsprop.py"
+SMOKE_LOOPS = ("default", "compiled")
+EAGER_METHODS = ("ours", "foreach")
+COMPILED_METHODS = ("no_step", "ours", "ours_cts")
+SUMMARY_KEYS = {"median_s", "p25_s", "p75_s", "min_s", "n"}
+
+
+def torch_cache_dir() -> str:
+    """torch's own inductor cache directory (``default_cache_dir()``'s formula)."""
+    user = re.sub(r'[\\/:*?"<>|]', "_", getpass.getuser())
+    return os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(tempfile.gettempdir(), f"torchinductor_{user}")
+
+
+def run(*args: str, timeout: float = 300) -> str:
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=torch_cache_dir())
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{args} failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    return out.stdout
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def check_summary(s: dict, where: str) -> None:
+    assert isinstance(s, dict) and SUMMARY_KEYS <= set(s), f"{where}: {s!r}"
+    assert s["n"] >= 5, where
+    assert all(positive(s[k]) for k in ("median_s", "p25_s", "p75_s", "min_s")), f"{where}: {s!r}"
+    assert s["min_s"] <= s["p25_s"] <= s["median_s"] <= s["p75_s"], f"{where}: {s!r}"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[Path, dict, str]:
+    path = tmp_path_factory.mktemp("bench") / "smoke.json"
+    out = run(BENCH, "--quick", "--models", "tiny", "--skip-torch-compile", "--loops", ",".join(SMOKE_LOOPS),
+              "--loop-methods", "ours,ours_cts,foreach,no_step", "--cache-dir", "default", "--json", str(path))
+    return path, json.loads(path.read_text()), out
+
+
+def test_help_lists_the_options():
+    out = run(BENCH, "--help", timeout=60)
+    for option in ("--quick", "--models", "--skip-torch-compile", "--tc-models", "--threads", "--json", "--table",
+                   "--plot", "--profile", "--device", "--loops", "--loop-methods", "--loop", "--worker-timeout"):
+        assert option in out
+
+
+def test_smoke_run_records_every_measurement(smoke):
+    _, data, out = smoke
+    assert {"machine", "config", "models"} <= set(data)
+    assert data["config"]["quick"] and data["config"]["loops"] == list(SMOKE_LOOPS)
+    e = data["models"]["tiny"]
+    assert e["tensors"] == 8 and e["numel"] == 288 and positive(e["floor_bytes"])
+    failed = {k: v["error"] for k, v in e.items() if isinstance(v, dict) and "error" in v}
+    failed.update({f"{loop}/{m}": r["error"] for loop, rs in e["loops"].items() for m, r in rs.items() if "error" in r})
+    assert not failed, "\n".join(f"{k}:\n{v}" for k, v in failed.items())
+    # step-only
+    for key in ("foreach", "for_loop", "flat_kernel"):
+        check_summary(e["baseline"][key], f"baseline/{key}")
+    assert positive(e["baseline"]["triad"]["bandwidth_GBps"])
+    for phase in ("ours_cold", "ours_warm"):
+        check_summary(e[phase]["step"], f"{phase}/step")
+        assert positive(e[phase]["first_call_s"]) and e[phase]["cache"] in ("cold", "warm")
+    check_summary(e["ours_warm"]["fresh_grads"], "ours_warm/fresh_grads")
+    assert positive(e["ours_mem"]["persistent_bytes"])
+    # training loops
+    assert e["net"]["tensors"] == 8 and e["net"]["numel"] == 288
+    assert set(e["loops"]) == set(SMOKE_LOOPS)
+    for loop in SMOKE_LOOPS:
+        methods = COMPILED_METHODS if loop == "compiled" else EAGER_METHODS
+        assert set(e["loops"][loop]) == set(methods), loop
+        for method in methods:
+            r, where = e["loops"][loop][method], f"{loop}/{method}"
+            assert r["cache"] in ("cold", "warm") and r["what"], where
+            assert r["net"]["tensors_built"] == 8 and r["finite"], where
+            assert r["denormal_grad_fraction"] == 0 and r["denormal_state_fraction"] in (0, None), where
+            assert positive(r["first_call_s"]) and len(r["first_calls_s"]) == 3, where
+            check_summary(r["iteration"], f"{where}/iteration")
+            if loop == "compiled":
+                assert r["step"] is None, where
+            else:
+                for part in ("zero_grad", "forward", "backward", "step"):
+                    check_summary(r[part], f"{where}/{part}")
+                assert r["step"]["median_s"] < r["iteration"]["median_s"], where
+    assert "wrote" in out
+
+
+def test_table_from_the_smoke_json(smoke):
+    path, _, _ = smoke
+    out = run(BENCH, "--table", "--json", str(path), timeout=60)
+    assert "**Whole training iteration, ms (median)**" in out and "**Step time, ms (median)**" in out
+    rows = [line for line in out.splitlines() if line.startswith("| tiny | ")]
+    iteration_table = out.split("**Whole training iteration")[1].split("\n\n")[1]
+    assert iteration_table.splitlines()[2].startswith("| tiny | default |")  # leads with the default loop
+    assert any(line.startswith("| tiny | compiled |") for line in rows)
+    assert "compiled loop (compile_train_step): first call ≤ no-step first call + 10 s (tiny)" in out
+    assert "failed" not in out.split("**Targets, training loops**")[0]
+
+
+def test_table_of_the_committed_results_still_reads():
+    out = run(BENCH, "--table", "--json", "benchmarks/results/cpu.json", timeout=60)
+    assert "| 200x4M |" in out and "No training-loop measurements" in out
+
+
+def test_plot_from_the_smoke_json(smoke, tmp_path):
+    if importlib.util.find_spec("matplotlib") is None:
+        pytest.skip("matplotlib is not installed (pip install matplotlib)")
+    path, data, _ = smoke
+    copy = tmp_path / "plotted.json"
+    copy.write_text(json.dumps(data))
+    run(BENCH, "--plot", "--json", str(copy), timeout=120)
+    png = copy.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_profile_both_loops():
+    out = run(BENCH, "--profile", "--models", "tiny", "--loop", "both", "--profile-steps", "20", "--quick")
+    for loop in ("default", "kept"):
+        assert f"loop {loop!r}" in out
+    assert out.count("## cProfile of opt.step() only") == 4 and "## opt.step" in out
+    assert "optimizer.py" in out or "npu_optim_compile" in out  # our step's own frames are profiled
+
+
+def test_bench_grouping_smoke():
+    out = run("benchmarks/bench_grouping.py", "lowered", "4")
+    line = out.strip().splitlines()[-1]
+    fields = dict(f.split("=", 1) for f in line.split()[1:])
+    assert fields["tensors"] == "4"
+    assert float(fields["compile"].rstrip("s")) > 0 and float(fields["step_median"].rstrip("ms")) > 0
