@@ -271,11 +271,19 @@ def get_bucket_step(key: StepKey, like: Sequence[Tensor | None] | None = None) -
     return fn
 
 
+#: Most elements of a scratch buffer. The compile reads its size as the hint for
+#: choices such as splitting the kernel over threads (inductor's CPU code runs a
+#: buffer of 8 elements on one thread, and then every bucket would), so the scratch is
+#: as large as the bucket up to this many elements (4 MiB of float32 per role).
+SCRATCH_ELEMENTS = 1 << 20
+
+
 def _run_on_scratch(fn: BucketStep, key: StepKey, like: Sequence[Tensor | None]) -> None:
     def scratch(t: Tensor | None) -> Tensor | None:
         if t is None:
             return None
-        s = torch.ones((8,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+        rows = max(16, min(t.shape[0], SCRATCH_ELEMENTS))
+        s = torch.ones((rows,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
         torch._dynamo.maybe_mark_dynamic(s, 0)
         return s
 

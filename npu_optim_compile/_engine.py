@@ -96,7 +96,7 @@ class StepEngine:
 
     def options(self, index: int, group: Mapping[str, Any]) -> RMSpropOptions:
         """The options of param group ``index`` (rebuilt and validated when it changed)."""
-        entry = self.groups.setdefault(index, _Group())
+        entry = self.groups.get(index) or self.groups.setdefault(index, _Group())
         signature = tuple(map(group.get, self._keys))
         if entry.options is None or signature != entry.signature:
             entry.options = RMSpropOptions.from_group(group, self.aliases)
@@ -142,7 +142,7 @@ class StepEngine:
         gparams = group["params"]
         if grads is None:
             grads = list(map(_GRAD, gparams))
-        entry = self.groups.setdefault(index, _Group())
+        entry = self.groups.get(index) or self.groups.setdefault(index, _Group())
         layout = entry.layout
         roles = options.roles
         if layout is None or not layout.unchanged(state, roles, gparams, grads):

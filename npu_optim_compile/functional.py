@@ -28,7 +28,7 @@ def _add_scalar_(xs: list[Tensor], s: Scalar) -> None:
     Note [foreach_add with a tensor scalar]: inductor (torch 2.13) lowers
     ``aten._foreach_add.Tensor`` by baking the tensor's value at compile time into the
     kernel, so a later change of the tensor is silently ignored. The list form, one
-    broadcast 0-d tensor per element, is lowered correctly; tests/test_compile.py
+    broadcast 0-d tensor per element, is lowered correctly; tests/compile/test_compile.py
     holds the regression test.
     """
     if _is_tensor(s):

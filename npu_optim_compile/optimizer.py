@@ -345,7 +345,9 @@ class NpuFusedRMSprop(Optimizer):
         """The flat param buffers, one per (param group, device, dtype) bucket, of the
         params that have a grad now (torch_npu's ``get_combined_params``; torch_npu
         combines per dtype across groups). Each such param is a view of one of them, except
-        params on the per-tensor path (memory owned elsewhere, non-dense, zero-size)."""
+        params on the per-tensor path (memory owned elsewhere, non-dense, zero-size).
+        Within a buffer, contiguous params of one shape lie next to each other (their
+        grads are gathered with one ``torch.stack``), so the order is not the group's."""
         return [b.param for layout, _, _ in self._prepared() for b in layout.buckets]
 
     def get_combined_grads(self) -> list[Tensor]:

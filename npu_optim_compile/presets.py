@@ -114,20 +114,18 @@ def from_mindspore(
 
     .. math::
 
-        egin{aligned}
-        \hat g &\leftarrow \hat g + (\lambda s)\,	heta
-            && 	ext{decay\_weight: the stored decay is } \lambda s \
-        g &\leftarrow \hat g \cdot (1/s) = \hat g / s + \lambda	heta
-            && 	ext{scale\_grad} \
-        v &\leftarrow v + (g^2 - v)(1 - 
-ho), \quad v_0 = 1 \
-        m &\leftarrow eta m + \eta\, g / \sqrt{v + \epsilon}
-            \ \ (	ext{centered: } ar g \leftarrow ar g + (g - ar g)(1 - 
-ho),            \sqrt{v - ar g^2 + \epsilon}), \qquad 	heta \leftarrow 	heta - m
+        \begin{aligned}
+        \hat g &\leftarrow \hat g + (\lambda s)\,\theta
+            && \text{decay\_weight: the stored decay is } \lambda s \\
+        g &\leftarrow \hat g \cdot (1/s) = \hat g / s + \lambda\theta
+            && \text{scale\_grad} \\
+        v &\leftarrow v + (g^2 - v)(1 - \rho), \quad v_0 = 1 \\
+        m &\leftarrow \beta m + \eta\, g / \sqrt{v + \epsilon}
+            \ \ (\text{centered: } \bar g \leftarrow \bar g + (g - \bar g)(1 - \rho),
+            \sqrt{v - \bar g^2 + \epsilon}), \qquad \theta \leftarrow \theta - m
         \end{aligned}
 
-    with :math:`\eta` = ``learning_rate``, :math:`
-ho` = ``decay``, :math:`eta` =
+    with :math:`\eta` = ``learning_rate``, :math:`\rho` = ``decay``, :math:`\beta` =
     ``momentum``, :math:`\lambda` = ``weight_decay``. Sources:
     ``_preprocess_weight_decay`` stores ``weight_decay * loss_scale`` (optimizer.py
     line 496) for the optimizer's decay (238) and for each group's (626-629);
@@ -137,7 +135,7 @@ ho` = ``decay``, :math:`eta` =
     ``ApplyCenteredRMSProp`` is the kernel (``rmsprop_cpu_kernel.cc``). So the decay
     acting on the unscaled gradient is :math:`\lambda` itself, which is
     ``NpuFusedRMSprop(weight_decay=weight_decay, loss_scale=loss_scale)`` (the loss
-    scale divides first, then :math:`\lambda	heta` is added).
+    scale divides first, then :math:`\lambda\theta` is added).
 
     Which params decay (optimizer.py lines 251-273):
 

@@ -11,16 +11,16 @@
 
     train_step = compile_train_step(train_step)
 
-Inside the compiled region ``NpuFusedRMSprop.step`` and ``zero_grad`` take a traceable
-path with no graph break (``_traced.py``): the step's ``_foreach_*`` ops enter the
-user's graph, and the foreach-fusion pass installed here fuses them, and any other
-foreach ops in that graph, into a few pointwise kernels. Dynamo itself still breaks the
+Inside the compiled region ``NpuFusedRMSprop.step`` is one custom op running the fused
+engine, and ``zero_grad`` a traceable equivalent of torch's, with no graph break
+(``_in_compile.py``). The foreach-fusion pass installed here fuses any other foreach
+ops of the user's graph into a few pointwise kernels. Dynamo itself still breaks the
 graph at ``loss.backward()`` (torch 2.13 traces no ``Tensor.backward`` by default), so
 a train step compiles to two graphs: the forward, and the optimizer step after the
 backward.
 
 The first trace turns a float ``lr`` into a 0-d tensor in the param groups, so LR
-schedulers change it without recompiling (``_traced.py``).
+schedulers change it without recompiling (``_in_compile.py``).
 """
 
 from __future__ import annotations

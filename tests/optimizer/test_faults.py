@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from parity import TOLERANCES, assert_same_state, clone_params, make_params, set_grads
-from npu_optim_compile import NpuFusedRMSprop, _bucket_step
+from npu_optim_compile import NpuFusedRMSprop
 from npu_optim_compile._dump import DUMP_ENV
 
 TOL = TOLERANCES[torch.float32]
@@ -182,6 +182,8 @@ def test_a_step_that_raises_changes_nothing(where, monkeypatch):
     state and step counts stay as they were (the first bucket, whose step compiles,
     is not run either: every step is compiled before any is run), and the next step
     gives torch's result."""
+    from npu_optim_compile import _bucket_step
+
     po = make_params(shapes=[(4, 3), (7,)]) + [torch.nn.Parameter(torch.randn(5, dtype=torch.float64))]
     pr = clone_params(po)
     ours = NpuFusedRMSprop(po, backend="eager", **KW)

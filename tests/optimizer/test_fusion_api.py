@@ -30,8 +30,16 @@ def test_combined_grads_follow_fresh_grads():
     opt.step()
     opt.zero_grad()  # set_to_none=True: autograd allocates new grads
     set_grads(1, po)
+    expected = [p.grad.clone() for p in po]
     flat = opt.get_combined_grads()[0]
-    torch.testing.assert_close(flat, torch.cat([p.grad.reshape(-1) for p in po]))
+    # the flat buffer holds contiguous params of one shape together, not in group order
+    bucket = opt._engine.layouts()[0].buckets[0]
+    assert sorted(map(id, bucket.params)) == sorted(map(id, po))
+    order = [next(i for i, p in enumerate(po) if p is q) for q in bucket.params]
+    torch.testing.assert_close(flat, torch.cat([expected[i].reshape(-1) for i in order]))
+    for p, g in zip(po, expected):  # and each p.grad now is its slot, with its values
+        assert opt._engine.layouts()[0].buckets[0].owns(p.grad) or p.numel() == 0
+        torch.testing.assert_close(p.grad, g)
 
 
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")])

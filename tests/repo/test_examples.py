@@ -17,10 +17,29 @@ def run_example(*args: str, cwd: Path = ROOT) -> str:
     return out.stdout
 
 
-def test_train_loss_falls_and_reports_step_times():
+def _timing_rows(out: str) -> dict[str, list[float]]:
+    """The numbers of the medians table: name -> [iteration ms, step ms]."""
+    rows = {}
+    for name in ("NpuFusedRMSprop", "torch.optim.RMSprop", "torch.compile(opt.step)", "compile_train_step(NpuFusedRMSprop)"):
+        for line in out.splitlines():
+            if line.strip().startswith(name + " ") and " ms" in line:
+                rows[name] = [float(x) for x in line.replace(name, "").split("ms")[0:2] if x.strip()[:1].isdigit()]
+    return rows
+
+
+def test_train_loss_falls_and_reports_iteration_and_step_times():
     out = run_example("examples/train.py", "--steps", "120")
+    assert "OK: loss fell: mean of the first 10 steps" in out
+    rows = _timing_rows(out)
+    assert set(rows) == {"NpuFusedRMSprop", "torch.optim.RMSprop", "torch.compile(opt.step)"}, out
+    assert all(len(v) == 2 and v[0] > v[1] > 0 for v in rows.values()), rows  # iteration > step > 0
+
+
+def test_train_through_a_compiled_train_step():
+    out = run_example("examples/train.py", "--steps", "40", "--compile", "--no-baselines")
     assert "OK: loss fell" in out
-    assert "NpuFusedRMSprop" in out and "torch.optim.RMSprop" in out and " ms" in out
+    rows = _timing_rows(out)
+    assert list(rows) == ["compile_train_step(NpuFusedRMSprop)"] and rows["compile_train_step(NpuFusedRMSprop)"][0] > 0
 
 
 def test_npu_quickstart_matches_torch():
