@@ -207,9 +207,16 @@ def worker_ours(spec: dict, st: Settings, phase: str) -> dict:
     out: dict = {"first_call_s": firsts[0], "first_calls_s": firsts}
     if phase == "warm":  # a triad beside our step, for the run's bandwidth median
         out["triad"] = measure_triad(st)
+    sources = [p.grad.clone() for p in params]
+    # Grads kept between steps, as zero_grad(set_to_none=False) keeps them: it points
+    # each .grad at its slot of our flat grad buffer (a step never re-points a grad);
+    # the values are then written back in place, as a backward accumulates them.
+    opt.zero_grad(set_to_none=False)
+    import torch
+
+    torch._foreach_copy_([p.grad for p in params], sources)
     out["step"] = time_steps(opt.step, st)
     if phase == "warm":
-        sources = [p.grad.clone() for p in params]
 
         def fresh_grads():
             for p, g in zip(params, sources):

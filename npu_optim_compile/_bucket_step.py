@@ -290,8 +290,8 @@ def _run_on_scratch(fn: BucketStep, key: StepKey, like: Sequence[Tensor | None])
     buffers = list(map(scratch, like))
     device = buffers[0].device
     skip = torch.zeros((), dtype=torch.float32, device=device) if "found_inf" in key.flags else None
-    half = buffers[0].numel() // 2  # two segments: a count of 1 would be specialised
-    segments = segments_like(buffers[0], [half, half], "caution" in key.flags)
+    n = buffers[0].numel()  # two segments: a count of 1 would be specialised
+    segments = segments_like(buffers[0], [n // 2, n - n // 2], "caution" in key.flags)
     fn(*buffers, HyperTensor(device).tensor, skip, *segments)
 
 

@@ -86,10 +86,15 @@ def _regroup(opt: NpuFusedRMSprop, grads: list[Tensor], positions: list[int]) ->
     """The grads the graph passed, back into per-group lists, None where a param had
     no grad when the graph was traced (``positions``: their indices, counted over all
     groups' params in order)."""
+    sizes = [len(group["params"]) for group in opt.param_groups]
     out, start = [], 0
+    if len(grads) == sum(sizes):  # every param has a grad (the common case)
+        for n in sizes:
+            out.append(grads[start : start + n])
+            start += n
+        return out
     where = dict(zip(positions, grads))
-    for group in opt.param_groups:
-        n = len(group["params"])
+    for n in sizes:
         out.append([where.get(i) for i in range(start, start + n)])
         start += n
     return out
