@@ -199,17 +199,6 @@ class StepEngine:
                 out += [p, *(st[role] for role in layout.roles), st["step"]]
         return out
 
-    def release(self, state: dict) -> None:
-        """Give every param and state tensor its own storage again and forget the
-        layouts (the next eager step gathers anew)."""
-        for entry in self.groups.values():
-            if entry.layout is not None:
-                for bucket in entry.layout.buckets:
-                    bucket.release(state)
-                entry.layout = None
-                entry.compiled = []
-        self.generation += 1
-
     def mark_stale(self) -> None:
         for entry in self.groups.values():
             if entry.layout is not None:

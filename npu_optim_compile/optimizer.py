@@ -354,8 +354,12 @@ class NpuFusedRMSprop(Optimizer):
         """The flat grad buffers, bucket by bucket (torch_npu's ``get_combined_grads``).
         Each ``p.grad`` is pointed at its slot of them first (as
         ``zero_grad(set_to_none=False)`` does), so writing into them writes the grads."""
+        return self._combined_grads(self._prepared())
+
+    @staticmethod
+    def _combined_grads(prepared: list[tuple[Any, tuple, tuple]]) -> list[Tensor]:
         out = []
-        for layout, grads, ptrs in self._prepared():
+        for layout, grads, ptrs in prepared:
             for bucket in layout.buckets:
                 bucket.load_grads(bucket.take_grads(grads), bucket.take_grads(ptrs))
                 for p, slot in zip(bucket.params, bucket.slots):
@@ -370,9 +374,8 @@ class NpuFusedRMSprop(Optimizer):
         ``torch.nn.utils.clip_grad_norm_``'s result with one norm and one scale per
         bucket (on the flat grad buffers, see :meth:`get_combined_grads`). Returns the
         total norm before clipping."""
-        grads = self.get_combined_grads()
-        for layout, _, _ in self._prepared():
-            grads += [p.grad for p in layout.loose]
+        prepared = self._prepared()
+        grads = self._combined_grads(prepared) + [p.grad for layout, _, _ in prepared for p in layout.loose]
         if not grads:
             return torch.tensor(0.0)
         norm_type = float(norm_type)
@@ -410,10 +413,7 @@ def check_state_dict(opt: NpuFusedRMSprop, state_dict: Mapping[str, Any]) -> Non
         return  # torch's own check reports this one
     for index, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):
         merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
-        roles = RMSpropOptions.from_group(
-            {k: merged[k] for k in merged if k in RMSpropOptions.names() or k in opt._group_aliases},
-            opt._group_aliases,
-        ).roles
+        roles = RMSpropOptions.from_group(merged, opt._group_aliases).roles
         for position, (p, key) in enumerate(zip(group["params"], saved.get("params", []))):
             entry = saved_state.get(key)
             if entry is None:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ._validation import check_hyperparameters, check_option_combination
 
-__all__ = ["RMSpropOptions", "STATE_ROLES", "TORCH_KEYS", "VALUE", "STRUCTURE", "INITIAL_STATE"]
+__all__ = ["RMSpropOptions", "STATE_ROLES", "VALUE", "STRUCTURE", "INITIAL_STATE"]
 
 Scalar = Union[float, int, Tensor]
 
@@ -85,11 +85,6 @@ class RMSpropOptions:
     @classmethod
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
-
-    @classmethod
-    def variant_names(cls) -> tuple[str, ...]:
-        """The options beyond torch.optim.RMSprop's (keyword-only in the constructors)."""
-        return tuple(f.name for f in dataclasses.fields(cls) if not f.metadata["torch_key"])
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -191,14 +186,7 @@ class RMSpropOptions:
         kwargs["maximize"] = bool(self.maximize)
         return kwargs
 
-    def replace(self, **changes: Any) -> RMSpropOptions:
-        return dataclasses.replace(self, **changes)
-
 
 def _same(value: Any, default: Any) -> bool:
     """Whether an option's value is its default (a tensor never is)."""
     return not isinstance(value, Tensor) and value == default
-
-
-#: torch.optim.RMSprop's group keys that are ours too.
-TORCH_KEYS = tuple(f.name for f in dataclasses.fields(RMSpropOptions) if f.metadata["torch_key"])
