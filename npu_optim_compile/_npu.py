@@ -9,6 +9,10 @@ once, restores that variable, and caches the answer for the process.
 torchair is not a top-level package of its own: ``import torch_npu`` installs a lazy
 ``sys.modules["torchair"]`` proxy for ``torch_npu/dynamo/torchair``. So torchair is only
 importable after torch_npu imported successfully; :func:`require_torchair` checks this.
+
+Inside ``ascend_dry_run()`` (``_dry_run.py``) torchair's own code is importable without
+torch_npu; :func:`npu_status` then reports the dry run, and :func:`is_npu_device` treats
+the CPU as the NPU.
 """
 
 from __future__ import annotations
@@ -101,14 +105,30 @@ def _probe() -> NpuStatus:
     return NpuStatus(True, f"torch_npu {version}: {count} NPU device(s) visible", version)
 
 
-@functools.cache
+#: Set while ``ascend_dry_run()`` is active (``_dry_run.py``): the status it reports.
+_dry_run_status: NpuStatus | None = None
+
+
+def set_dry_run_status(status: NpuStatus | None) -> None:
+    """Called by ``ascend_dry_run()`` on entry (its status) and exit (None)."""
+    global _dry_run_status
+    _dry_run_status = status
+
+
+_probe_once = functools.cache(_probe)
+
+
 def npu_status() -> NpuStatus:
     """Detect torch_npu and NPU devices once per process (cached; ``npu_status.cache_clear()``).
 
     The first call may import torch_npu (never at module import time). It restores
     ``TORCH_DEVICE_BACKEND_AUTOLOAD`` to its previous value (or unsets it) afterwards.
+    Inside ``ascend_dry_run()`` it reports the dry run's status (available, no probe).
     """
-    return _probe()
+    return _dry_run_status if _dry_run_status is not None else _probe_once()
+
+
+npu_status.cache_clear = _probe_once.cache_clear  # type: ignore[attr-defined]
 
 
 def npu_available() -> bool:
@@ -117,7 +137,10 @@ def npu_available() -> bool:
 
 
 def is_npu_device(device: Any) -> bool:
-    """True when ``device`` is an NPU device; imports nothing.
+    """True when the library treats ``device`` as an Ascend NPU: an ``npu`` device, or,
+    inside ``ascend_dry_run()``, the CPU (whose tensors stand in for NPU tensors). The
+    library's NPU decisions go through it (``backend="auto"`` resolving to torchair, float32
+    hyperparameters). Imports nothing.
 
     Accepts a ``torch.device``, a tensor (its ``.device``), a string such as ``"npu:0"``,
     or None (False). Without torch_npu, ``torch.device("npu")`` itself fails, hence the
@@ -126,9 +149,10 @@ def is_npu_device(device: Any) -> bool:
     if device is None:
         return False
     if isinstance(device, str):
-        return device.split(":", 1)[0].strip() == "npu"
-    device = getattr(device, "device", device)  # a tensor
-    return getattr(device, "type", None) == "npu"
+        kind = device.split(":", 1)[0].strip()
+    else:
+        kind = getattr(getattr(device, "device", device), "type", None)  # a tensor's device
+    return kind == "npu" or (kind == "cpu" and _dry_run_status is not None)
 
 
 def require_torchair(what: str) -> ModuleType:
@@ -139,9 +163,10 @@ def require_torchair(what: str) -> ModuleType:
     """
     status = npu_status()
     if status.torch_npu_version is None:
+        hint = "" if _INSTALL_HINT in status.reason else f" ({_INSTALL_HINT})"  # said once
         raise RuntimeError(
             f"{what} needs torchair, which ships inside torch_npu, but {status.reason}. "
-            f"Install torch_npu with the Ascend CANN toolkit ({_INSTALL_HINT}) and source "
+            f"Install torch_npu with the Ascend CANN toolkit{hint} and source "
             f"CANN's set_env.sh, or use an inductor backend instead."
         )
     try:

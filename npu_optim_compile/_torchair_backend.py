@@ -1,10 +1,11 @@
 """Build a torchair (Ascend NPU) ``torch.compile`` backend with its own CompilerConfig.
 
 Every compile gets a fresh ``torchair.CompilerConfig()``. We never use
-``backend="npu"`` (torch_npu caches one process-wide config behind it) nor the
-``options=`` dict (it writes every option onto torchair's ``_NpuGraphExConfig`` class
-and, for ``"npu"``, into that shared config): both leak settings into unrelated
-compiles (``research/torchair.md`` section 2).
+``backend="npu"`` (torch_npu caches one process-wide config behind it:
+``_get_global_npu_backend`` in torch_npu 2.13.0's ``torch_npu/dynamo/__init__.py``) nor
+the ``options=`` dict (``_process_kwargs_options`` in torchair's
+``torchair/configs/npugraphex_config.py`` writes every option onto the ``_NpuGraphExConfig`` class
+and, for ``"npu"``, into that shared config): both leak settings into unrelated compiles.
 
 Modes (``CompilerConfig.mode``):
 
@@ -24,19 +25,14 @@ tensors marked with ``torch._dynamo.mark_static_address`` (any mark: ``"guarded"
 ``"unguarded"``). A static input is read in place; its address becomes part of the ACL
 graph key, so a new address triggers a re-capture, and after
 ``debug.aclgraph.static_capture_size_limit`` (64) captures torchair falls back to eager
-for good, with a warning. Two ways to mark:
-
-1. :func:`mark_static_inputs` on the optimizer's own long-lived tensors (flat param,
-   grad and state buffers, 0-d hyperparameter tensors). It must run eagerly, outside
-   the compiled step (``mark_static_address`` is forbidden in a graph), and *before the
-   first call* of the compiled step: Dynamo reads the mark when it traces. Mark each
-   replacement tensor too (e.g. after re-gathering a bucket).
-2. ``make_torchair_backend(static_inputs=True)`` (the default) marks *every* tensor
-   input of each compiled graph static (see :func:`_mark_all_inputs_static`). Right
-   for the optimizer step, whose inputs are all buffers the optimizer owns; wrong for
-   graphs fed fresh tensors each call (grads re-allocated by
-   ``zero_grad(set_to_none=True)`` that do not live in a persistent buffer): each
-   call would re-capture.
+for good, with a warning. ``make_torchair_backend(static_inputs=True)`` (the default)
+marks *every* tensor input of each compiled graph static (see
+:func:`_mark_all_inputs_static`): right for the optimizer step, whose inputs are all
+buffers the optimizer owns; wrong for graphs fed fresh tensors each call (grads
+re-allocated by ``zero_grad(set_to_none=True)`` that do not live in a persistent
+buffer): each call would re-capture. With ``static_inputs=False`` only what the caller
+marked with ``torch._dynamo.mark_static_address`` (eagerly, before the first call:
+Dynamo reads the mark when it traces) is static.
 
 GE (max-autotune) reads all inputs in place anyway; the marks change nothing there.
 """
@@ -44,13 +40,13 @@ GE (max-autotune) reads all inputs in place anyway; the marks change nothing the
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 
 from ._npu import require_torchair
 
-__all__ = ["MODES", "ACL_GRAPH_MODES", "make_torchair_backend", "mark_static_inputs"]
+__all__ = ["MODES", "ACL_GRAPH_MODES", "make_torchair_backend"]
 
 MODES = ("max-autotune", "reduce-overhead", "npugraph_ex")
 ACL_GRAPH_MODES = ("reduce-overhead", "npugraph_ex")
@@ -60,19 +56,6 @@ ACL_GRAPH_MODES = ("reduce-overhead", "npugraph_ex")
 _DUMP_TYPE = {"max-autotune": "pbtxt", "reduce-overhead": "py", "npugraph_ex": "py"}
 
 PostGradPass = Callable[[torch.fx.GraphModule, list, Any], None]
-
-
-def mark_static_inputs(tensors: Iterable[torch.Tensor]) -> None:
-    """Mark tensors whose storage stays put across steps as static graph inputs.
-
-    Calls ``torch._dynamo.mark_static_address(t, guard=False)`` on each: no data-pointer
-    guard (a new address does not recompile; in torchair's ACL-graph modes it
-    re-captures). Call eagerly, before the compiled step first runs (module docstring).
-    """
-    for t in tensors:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"mark_static_inputs expects tensors, got {type(t).__name__}")
-        torch._dynamo.mark_static_address(t, guard=False)
 
 
 def _mark_all_inputs_static(gm: torch.fx.GraphModule) -> int:

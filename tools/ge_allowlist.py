@@ -23,13 +23,17 @@ import hashlib
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
+from npu_optim_compile._torchair_source import (  # the wheel cache is shared with ascend_dry_run()
+    TORCH_NPU_VERSION,
+    WheelUnavailableError,
+    default_cache_dir,
+    fetch_torch_npu_wheel,
+)
 from npu_optim_compile.passes.ge_ops import ALLOWLIST_PATH, GE_NAMESPACES
 
 __all__ = [
@@ -43,63 +47,7 @@ __all__ = [
     "main",
 ]
 
-TORCH_NPU_VERSION = "2.13.0"
 CONVERTER_DIR = "torch_npu/dynamo/torchair/_ge_concrete_graph/ge_converter"
-# Any platform's wheel holds the same Python sources; this one is the reference.
-_PIP_PLATFORM_ARGS = (
-    "--only-binary=:all:", "--python-version", "3.11",
-    "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux2014_x86_64",
-    "--platform", "manylinux_2_17_x86_64",
-)  # fmt: skip
-
-
-class WheelUnavailableError(RuntimeError):
-    """The torch_npu wheel is neither cached nor downloadable (offline, no PyPI access)."""
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/npu_optim_compile`` (default ``~/.cache/npu_optim_compile``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "npu_optim_compile"
-
-
-def fetch_torch_npu_wheel(
-    cache_dir: str | os.PathLike[str] | None = None,
-    *,
-    version: str = TORCH_NPU_VERSION,
-    timeout_s: float = 600,
-) -> Path:
-    """Return a cached ``torch_npu-<version>-*.whl``, downloading it once with pip.
-
-    Only ``pip download --no-deps`` is used: installing torch_npu without CANN breaks
-    ``import torch``. Any wheel already in ``cache_dir`` is reused (drop one there to work
-    offline). Raises :class:`WheelUnavailableError` with pip's output when it fails.
-    """
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cached = sorted(cache.glob(f"torch_npu-{version}-*.whl"))
-    if cached:
-        return cached[0]
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--retries", "1", "--timeout", "20", *_PIP_PLATFORM_ARGS,
-               "-d", tmp, f"torch_npu=={version}"]  # fmt: skip
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise WheelUnavailableError(f"pip download torch_npu=={version} failed: {e}") from e
-        wheels = sorted(Path(tmp).glob(f"torch_npu-{version}-*.whl"))
-        if proc.returncode != 0 or not wheels:
-            lines = (proc.stdout + proc.stderr).strip().splitlines()
-            tail = [line for line in lines if line.startswith("ERROR")] or lines[-3:]
-            raise WheelUnavailableError(
-                f"pip download torch_npu=={version} failed (exit {proc.returncode}): "
-                + " | ".join(tail)
-                + f". Put the wheel into {cache} or pass --wheel PATH."
-            )
-        target = cache / wheels[0].name
-        os.replace(wheels[0], target)  # atomic: concurrent runs never see half a file
-    return target
 
 
 def read_wheel_text(wheel: str | os.PathLike[str], prefix: str) -> dict[str, str]:

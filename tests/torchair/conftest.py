@@ -1,4 +1,6 @@
-"""Fixtures: isolated NPU detection, a fake torchair, and the shared torch_npu wheel cache."""
+"""Fixtures: isolated NPU detection, a fake torchair, the shared torch_npu wheel cache,
+torchair's real code under ascend_dry_run(), and the table of GE graphs the dry-run tests
+print at the end of the run."""
 
 from __future__ import annotations
 
@@ -10,6 +12,10 @@ from npu_fakes import AUTOLOAD, FakeFinder, fake_torch_npu_ok, fake_torchair_bod
 
 from npu_optim_compile import _npu
 import ge_allowlist
+from npu_optim_compile import ascend_dry_run
+
+#: (structure, dtype) -> (GE nodes, Cast nodes, op counts), filled by the dry-run tests.
+GE_TABLE = pytest.StashKey[dict]()
 
 
 @pytest.fixture
@@ -51,3 +57,27 @@ def torch_npu_wheel():
         return ge_allowlist.fetch_torch_npu_wheel()
     except ge_allowlist.WheelUnavailableError as e:
         pytest.skip(f"torch_npu {ge_allowlist.TORCH_NPU_VERSION} wheel not available offline: {e}")
+
+
+@pytest.fixture(scope="module")
+def dry_run(torch_npu_wheel, tmp_path_factory):
+    """One ascend_dry_run() for a whole test module (entering imports torchair, which
+    takes seconds); yields it: ``.graphs`` (the GE graph records), ``.dump_dir``,
+    ``.torchair``."""
+    context = ascend_dry_run(torch_npu_wheel, dump_dir=tmp_path_factory.mktemp("ge_dumps"))
+    with context:
+        yield context
+
+
+@pytest.fixture
+def ge_table(request) -> dict:
+    return request.config.stash.setdefault(GE_TABLE, {})
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    table = config.stash.get(GE_TABLE, {})
+    if not table:
+        return
+    terminalreporter.write_sep("-", "bucket-step GE graphs under ascend_dry_run (torch_npu 2.13.0's torchair)")
+    for (structure, dtype), (nodes, casts, ops) in sorted(table.items()):
+        terminalreporter.write_line(f"{structure or '(default)'} [{dtype}]: {nodes} nodes, {casts} Cast ({ops})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import operator
 import shutil
+import subprocess
 import textwrap
 
 import pytest
@@ -12,11 +13,13 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import ge_allowlist as gal
+from npu_optim_compile import _torchair_source
 from npu_optim_compile.passes import ge_ops
 
 aten = torch.ops.aten
 
-# Overloads a fusion pass emits, all with working GE converters (research/torchair.md §6).
+# Overloads a fusion pass emits, all with working GE converters in torch_npu 2.13.0
+# (torchair/_ge_concrete_graph/ge_converter/aten/*.py, read from the wheel).
 EXPECTED_WORKING = [
     "aten.mul.Tensor", "aten.mul.Scalar", "aten.add.Tensor", "aten.add.Scalar", "aten.sub.Tensor",
     "aten.div.Tensor", "aten.addcmul.default", "aten.addcdiv.default", "aten.sqrt.default",
@@ -71,7 +74,8 @@ def test_committed_file_is_consistent(committed):
     assert committed["torch_npu_version"] == gal.TORCH_NPU_VERSION
     assert committed["wheel"].startswith(f"torch_npu-{gal.TORCH_NPU_VERSION}-")
     assert len(committed["wheel_sha256"]) == 64
-    # research/torchair.md §6 counted 1787 aten registrations; one (torch.sym_sqrt) is not an op.
+    # ge_converter/aten/*.py in the wheel registers 1787 converters (an AST count); one of
+    # them is for torch.sym_sqrt, which is not an aten op.
     assert sum(s.startswith("aten.") for s in ops + stubs) == 1786
 
 
@@ -188,23 +192,22 @@ def test_cli_check_and_regenerate(torch_npu_wheel, committed, tmp_path, capsys):
 def test_fetch_reuses_a_cached_wheel_without_pip(tmp_path, monkeypatch):
     wheel = tmp_path / f"torch_npu-{gal.TORCH_NPU_VERSION}-cp311-cp311-linux_aarch64.whl"
     wheel.write_bytes(b"not really a wheel")
-    monkeypatch.setattr(gal.subprocess, "run", lambda *a, **k: pytest.fail("pip must not run"))
+    monkeypatch.setattr(_torchair_source.subprocess, "run", lambda *a, **k: pytest.fail("pip must not run"))
     assert gal.fetch_torch_npu_wheel(tmp_path) == wheel
 
 
 def test_fetch_failure_says_what_to_do(tmp_path, monkeypatch):
     def offline(cmd, **kwargs):
         assert "--no-deps" in cmd and "download" in cmd  # never `pip install`
-        return gal.subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found")
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found")
 
-    monkeypatch.setattr(gal.subprocess, "run", offline)
+    monkeypatch.setattr(_torchair_source.subprocess, "run", offline)
     with pytest.raises(gal.WheelUnavailableError, match="No matching distribution.*--wheel PATH"):
         gal.fetch_torch_npu_wheel(tmp_path)
 
 
 def test_tool_runs_as_a_script():
     """``python tools/ge_allowlist.py`` as the docs say (imports resolve outside pytest)."""
-    import subprocess
     import sys
     from pathlib import Path
 

@@ -145,6 +145,8 @@ def test_package_import_never_imports_torch_npu_or_torchair(tmp_path):
         import importlib, importlib.util, pkgutil, sys
         assert importlib.util.find_spec("torch_npu") is not None  # the bait is reachable
         import npu_optim_compile
+        assert "npu_optim_compile._dry_run" not in sys.modules  # ascend_dry_run loads on use
+        assert npu_optim_compile.ascend_dry_run.__module__ == "npu_optim_compile._dry_run"
         for info in pkgutil.walk_packages(npu_optim_compile.__path__, "npu_optim_compile."):
             if not info.name.endswith("__main__"):
                 importlib.import_module(info.name)

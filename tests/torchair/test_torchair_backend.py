@@ -125,17 +125,10 @@ def test_static_inputs_false_marks_only_what_the_caller_marked(fake_torchair):
     params, grads, lr = _tensors()
     backend = _torchair.make_torchair_backend(mode="npugraph_ex", static_inputs=False)
     assert _static_indices_after_compile(backend, params, grads, lr) == []
-    _torchair.mark_static_inputs([*params, lr])
+    for t in (*params, lr):
+        torch._dynamo.mark_static_address(t, guard=False)
     # AOT input order follows Dynamo's placeholders: p0, g0, lr, p1, g1.
     assert _static_indices_after_compile(backend, params, grads, lr) == [0, 2, 3]
-
-
-def test_mark_static_inputs():
-    t = torch.zeros(2)
-    _torchair.mark_static_inputs(iter([t]))
-    assert t._dynamo_static_input_type == "unguarded"  # guard=False: no data_ptr guard
-    with pytest.raises(TypeError, match="expects tensors, got list"):
-        _torchair.mark_static_inputs([[t]])
 
 
 # --- the same names, checked in the real torch_npu 2.13.0 sources (read as text) ---
