@@ -8,10 +8,13 @@ Run from the repository root (see ``benchmarks/README.md``)::
     python benchmarks/bench_rmsprop.py --table         # Markdown tables from the JSON
     python benchmarks/bench_rmsprop.py --plot          # PNG from the JSON
     python benchmarks/bench_rmsprop.py --profile --loop default   # where our step spends its time
+    python benchmarks/bench_rmsprop.py --device cuda --side-by-side-only --quick   # on a GPU
 
-Two kinds of measurements: one optimizer step on params with hand-set grads
-("step-only", ``workers.py``), and whole training iterations of a real network in three
-loops, default / kept / compiled (``loops.py``). Every measurement runs in a subprocess
+Three kinds of measurements: one optimizer step on params with hand-set grads
+("step-only", ``workers.py``), the same with every method in one process, timed
+interleaved against a copy kernel's floor ("side by side", ``side_by_side.py``; CUDA
+events on a GPU), and whole training iterations of a real network in three loops,
+default / kept / compiled (``loops.py``). Every measurement runs in a subprocess
 of its own (a "worker"), with its own ``TORCHINDUCTOR_CACHE_DIR``: a fresh, empty
 directory for a *cold* first call, the same directory again in a new process for a
 *warm* one. This file only orchestrates: it spawns the workers and writes the JSON
@@ -85,6 +88,9 @@ def machine_info(device: str) -> dict:
         pass
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+        info["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+        info["gpu_memory_GiB"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     try:
         info["git_commit"] = subprocess.run(
             ["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
@@ -119,6 +125,15 @@ def spawn(task: str, model: str, cache_dir: str, args, *, phase: str = "", loop:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
+
+    def killed(signum, _frame):  # `timeout` or Ctrl-C ends the run: the worker (its own session) too
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, killed) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         _, stderr = proc.communicate(timeout=args.worker_timeout)
         try:
@@ -133,6 +148,8 @@ def spawn(task: str, model: str, cache_dir: str, args, *, phase: str = "", loop:
         proc.communicate()
         res = {"error": f"timed out after {args.worker_timeout:g} s", "timed_out": True}
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         Path(result).unlink(missing_ok=True)
     res["cache"] = cache
     wall = time.perf_counter() - t0
@@ -221,6 +238,9 @@ def run_all(args) -> Path:
             "quick": args.quick,
             "skip_torch_compile": args.skip_torch_compile,
             "skip_step_only": args.skip_step_only,
+            "side_by_side": not args.skip_side_by_side,
+            "side_by_side_only": args.side_by_side_only,
+            "loops_side": not args.skip_loops_side,
             "models": models,
             "loops": loops,
             "loop_methods": methods,
@@ -249,6 +269,7 @@ def run_all(args) -> Path:
             caches.done(d)
 
     slow: list[tuple] = []  # the torch.compile baselines: last, smallest first
+    side_late: list[tuple] = []  # the interleaved loops: after every first call
     for m in models:
         spec = MODELS[m]
         entry = data["models"][m] = {
@@ -259,6 +280,15 @@ def run_all(args) -> Path:
             "floor_bytes": floor_bytes(spec),
             "bucket_bytes": largest_bucket_bytes(spec),
         }
+        if not args.skip_side_by_side:
+            d = caches.new("side")
+            try:
+                entry["side_by_side"] = spawn("side_by_side", m, d, args, phase="with_tc" if with_tc(m) else "")
+                _save(out_path, data)
+            finally:
+                caches.done(d)
+        if args.side_by_side_only:
+            continue
         if not args.skip_step_only:
             flat_dir, ours_dir = caches.new("flat"), caches.new("ours")
             try:
@@ -285,6 +315,11 @@ def run_all(args) -> Path:
                             slow.append((1 + (loop == "compiled"), entry["net"]["tensors"], m, loop, method))
                         continue
                     run_loop(m, loop, method)
+            if not args.skip_loops_side:
+                for loop in loops:  # the steady iterations, every method interleaved in one process
+                    side = [k for k in (COMPILED_LOOP_METHODS if loop == "compiled" else EAGER_LOOP_METHODS)
+                            if k in methods and (with_tc(m) or not is_torch_compile_baseline(loop, k))]
+                    side_late.append((m, loop, side))
     for _, _, m, loop, method in sorted(slow):
         if loop == "step":  # torch.compile(opt.step) on hand-set grads, cold then warm
             entry = data["models"][m]
@@ -298,6 +333,14 @@ def run_all(args) -> Path:
                 caches.done(d)
         else:
             run_loop(m, loop, method)
+    for m, loop, side in side_late:
+        d = caches.new(f"side_{loop}")
+        try:
+            data["models"][m].setdefault("loops_side", {})[loop] = spawn("loops_side", m, d, args, loop=loop,
+                                                                      method=",".join(side))
+            _save(out_path, data)
+        finally:
+            caches.done(d)
     data["config"]["total_wall_s"] = time.perf_counter() - t_start
     _save(out_path, data)
     print(f"wrote {out_path}")
@@ -327,10 +370,19 @@ def main() -> None:
                     "(default: all; ours_cts and no_step exist in the compiled loop only)")
     ap.add_argument("--skip-step-only", action="store_true",
                     help="skip the step-only measurements (hand-set grads): loops only")
+    ap.add_argument("--skip-side-by-side", action="store_true",
+                    help="skip the side-by-side step-only measurement (all methods in one process, "
+                    "interleaved, against the copy floor)")
+    ap.add_argument("--side-by-side-only", action="store_true",
+                    help="only the side-by-side measurement: ours, foreach=True, capturable=True (CUDA), "
+                    "torch.compile(opt.step) and the copy floor (what tools/gpu_check.sh runs)")
     ap.add_argument("--skip-torch-compile", action="store_true",
                     help="skip the slow torch.compile baselines: torch.compile(opt.step) (step-only and "
                     "eager loops) and torch.optim.RMSprop inside the compiled train step")
     ap.add_argument("--tc-models", help="comma-separated models that get those baselines (default: all selected)")
+    ap.add_argument("--skip-loops-side", action="store_true",
+                    help="skip the interleaved measurement of the loops (every method of a loop in one "
+                    "process, taking turns; the tables' steady figures come from it when present)")
     ap.add_argument("--loop-warm", action="store_true",
                     help="also rerun every compiling loop measurement in a fresh process with its "
                     "filled cache (a warm first call)")
@@ -358,6 +410,8 @@ def main() -> None:
     ap.add_argument("--method", default="", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.side_by_side_only and args.skip_side_by_side:
+        ap.error("--side-by-side-only and --skip-side-by-side exclude each other")
 
     if args.worker:
         from workers import run_worker

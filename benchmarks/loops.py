@@ -141,12 +141,9 @@ def _dynamo_counts() -> dict:
         return {}
 
 
-def eager_loop(model, batches, opt, step, set_to_none: bool, st: Settings) -> dict:
-    """zero_grad, forward, backward, step; each part timed; the first iteration apart."""
-    sync = sync_fn(st.device)
-    parts = ("zero_grad", "forward", "backward", "step", "iteration")
-    times: dict[str, list[float]] = {k: [] for k in parts}
-    losses: list[float] = []
+def _eager_iteration(model, batches, opt, step, set_to_none: bool, sync, losses: list):
+    """One eager iteration as a function of its index: zero_grad, forward, backward,
+    step, each part timed (returned in that order, then the whole iteration)."""
 
     def iteration(i: int) -> tuple[float, ...]:
         x, y = batches[i % len(batches)]
@@ -167,6 +164,17 @@ def eager_loop(model, batches, opt, step, set_to_none: bool, st: Settings) -> di
         losses.append(float(loss.detach()))
         return t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0
 
+    return iteration
+
+
+EAGER_PARTS = ("zero_grad", "forward", "backward", "step", "iteration")
+
+
+def eager_loop(model, batches, opt, step, set_to_none: bool, st: Settings) -> dict:
+    """zero_grad, forward, backward, step; each part timed; the first iteration apart."""
+    times: dict[str, list[float]] = {k: [] for k in EAGER_PARTS}
+    losses: list[float] = []
+    iteration = _eager_iteration(model, batches, opt, step, set_to_none, sync_fn(st.device), losses)
     firsts = [iteration(i) for i in range(3)]
     i = 3
     for _ in range(st.warmup):
@@ -174,7 +182,7 @@ def eager_loop(model, batches, opt, step, set_to_none: bool, st: Settings) -> di
         i += 1
     start = time.perf_counter()
     while not st.enough(len(times["iteration"]), time.perf_counter() - start):
-        for k, v in zip(parts, iteration(i)):
+        for k, v in zip(EAGER_PARTS, iteration(i)):
             times[k].append(v)
         i += 1
     out = {
@@ -187,9 +195,9 @@ def eager_loop(model, batches, opt, step, set_to_none: bool, st: Settings) -> di
     return out
 
 
-def compiled_loop(model, batches, opt, method: str, st: Settings) -> dict:
-    """The whole train step compiled; the step is inside the graph, so only whole
-    iterations are timed."""
+def _compiled_iteration(model, batches, opt, method: str, sync, losses: list):
+    """One call of the compiled train step (forward, backward, step, zero_grad) as a
+    function of its index, timed (a one-element tuple: the whole iteration)."""
     import torch
 
     with_step = method != "no_step"
@@ -208,10 +216,8 @@ def compiled_loop(model, batches, opt, method: str, st: Settings) -> dict:
         compiled = compile_train_step(train_step)
     else:
         compiled = torch.compile(train_step)
-    sync = sync_fn(st.device)
-    losses: list[float] = []
 
-    def iteration(i: int) -> float:
+    def iteration(i: int) -> tuple[float]:
         x, y = batches[i % len(batches)]
         sync()
         t0 = time.perf_counter()
@@ -219,9 +225,17 @@ def compiled_loop(model, batches, opt, method: str, st: Settings) -> dict:
         sync()
         dt = time.perf_counter() - t0
         losses.append(float(loss.detach()))
-        return dt
+        return (dt,)
 
-    firsts = [iteration(i) for i in range(3)]
+    return iteration
+
+
+def compiled_loop(model, batches, opt, method: str, st: Settings) -> dict:
+    """The whole train step compiled; the step is inside the graph, so only whole
+    iterations are timed."""
+    losses: list[float] = []
+    iteration = _compiled_iteration(model, batches, opt, method, sync_fn(st.device), losses)
+    firsts = [iteration(i)[0] for i in range(3)]
     i = 3
     for _ in range(st.warmup):
         iteration(i)
@@ -229,7 +243,7 @@ def compiled_loop(model, batches, opt, method: str, st: Settings) -> dict:
     times: list[float] = []
     start = time.perf_counter()
     while not st.enough(len(times), time.perf_counter() - start):
-        times.append(iteration(i))
+        times.append(iteration(i)[0])
         i += 1
     return {
         "first_call_s": firsts[0],
@@ -240,6 +254,20 @@ def compiled_loop(model, batches, opt, method: str, st: Settings) -> dict:
         "loss_last": losses[-1],
         "dynamo": _dynamo_counts(),
     }
+
+
+def _step_of(opt, method: str):
+    """What the eager loops call: ``opt.step``, or it under torch.compile (tc_step)."""
+    import torch
+
+    if method != "tc_step":
+        return opt.step
+
+    @torch.compile
+    def step():
+        opt.step()
+
+    return step
 
 
 def worker_loop(spec: dict, st: Settings, loop: str, method: str) -> dict:
@@ -255,15 +283,7 @@ def worker_loop(spec: dict, st: Settings, loop: str, method: str) -> dict:
     if loop == "compiled":
         res = compiled_loop(model, batches, opt, method, st)
     else:
-        if method == "tc_step":
-
-            @torch.compile
-            def step():
-                opt.step()
-
-        else:
-            step = opt.step
-        res = eager_loop(model, batches, opt, step, set_to_none=loop == "default", st=st)
+        res = eager_loop(model, batches, opt, _step_of(opt, method), set_to_none=loop == "default", st=st)
     res["what"] = WHAT["compiled" if loop == "compiled" else "eager", method]
     res["net"] = {**net_summary(spec["net"]), "tensors_built": len(params),
                   "numel_built": sum(p.numel() for p in params)}
@@ -271,3 +291,48 @@ def worker_loop(spec: dict, st: Settings, loop: str, method: str) -> dict:
     res["denormal_grad_fraction"] = denormal_fraction(model, batches, opt)
     res["finite"] = all(math.isfinite(v) for v in (res["loss_first"], res["loss_last"]))
     return res
+
+
+#: Iterations of one method per turn in the interleaved worker.
+BLOCK = 5
+
+
+def worker_loops_side(spec: dict, st: Settings, loop: str, methods: list[str]) -> dict:
+    """Every method of one loop in this one process, timed interleaved: each builds its
+    own copy of the network (the same seeded weights) and takes its first call (which
+    compiles) and its warm-up alone; then the methods take turns of ``BLOCK`` iterations,
+    the order rotating each round, until each has the run's count of samples. Anything
+    else running on the machine lands on every method alike."""
+    sync = sync_fn(st.device)
+    parts = ("iteration",) if loop == "compiled" else EAGER_PARTS
+    runs, times, out = {}, {}, {}
+    for method in methods:
+        model, batches = build_net(spec["net"], st.device)
+        opt = make_optimizer(method, list(model.parameters()), st.device)
+        losses: list[float] = []
+        if loop == "compiled":
+            iteration = _compiled_iteration(model, batches, opt, method, sync, losses)
+        else:
+            iteration = _eager_iteration(model, batches, opt, _step_of(opt, method), loop == "default", sync, losses)
+        first = iteration(0)[-1]
+        for i in range(1, 1 + st.warmup):
+            iteration(i)
+        runs[method] = (iteration, losses, opt)
+        times[method] = {k: [] for k in parts}
+        out[method] = {"first_call_in_process_s": first, "what": WHAT["compiled" if loop == "compiled" else "eager", method]}
+    start, index, turn = time.perf_counter(), 1 + st.warmup, 0
+    while not st.enough(len(times[methods[0]]["iteration"]), (time.perf_counter() - start) / len(methods)):
+        for method in methods[turn % len(methods):] + methods[: turn % len(methods)]:
+            iteration = runs[method][0]
+            for k in range(BLOCK):
+                for part, v in zip(parts, iteration(index + k)):
+                    times[method][part].append(v)
+        index += BLOCK
+        turn += 1
+    for method in methods:
+        losses = runs[method][1]
+        out[method].update({k: summarize(v) for k, v in times[method].items()})
+        if loop == "compiled":
+            out[method]["step"] = None
+        out[method]["finite"] = all(math.isfinite(v) for v in (losses[0], losses[-1]))
+    return {"methods": methods, "block": BLOCK, "results": out}

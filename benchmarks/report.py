@@ -279,17 +279,20 @@ def failures(data: dict) -> list[str]:
 
 def table(data: dict) -> str:
     from report_loops import loop_tables
+    from side_by_side import side_by_side_table
 
     mi = data.get("machine", {})
     cfg = data.get("config", {})
     bw = bandwidth(data)
-    head = (f"Run of {mi.get('date', '?')} on {mi.get('cpu_model', '?')} ({mi.get('cpu_count', '?')} cores, "
+    gpu = f"{mi['gpu']} (CUDA {mi.get('cuda', '?')}), " if mi.get("gpu") else ""
+    head = (f"Run of {mi.get('date', '?')} on {gpu}{mi.get('cpu_model', '?')} ({mi.get('cpu_count', '?')} cores, "
             f"torch {mi.get('torch', '?')}, {mi.get('torch_threads', '?')} threads)"
             f"{', quick mode' if cfg.get('quick') else ''}.")
     if bw:
         head += (f" Triad bandwidth (median of the run): {bw / 1e9:.1f} GB/s; in-place triad "
                  f"{(bandwidth(data, 'inplace_bandwidth_GBps') or 0) / 1e9:.1f} GB/s.")
-    lines = [head, ""] + loop_tables(data) + [""] + step_tables(data)
+    side = side_by_side_table(data)
+    lines = [head, ""] + (side + [""] if side else []) + loop_tables(data) + [""] + step_tables(data)
     failed = failures(data)
     if failed:
         lines += ["", "Workers that failed: " + ", ".join(failed)]

@@ -37,7 +37,10 @@ def result(e: dict, loop: str, method: str):
 
 
 def median(e: dict, loop: str, method: str, part: str):
-    return get(result(e, loop, method), part, "median_s")
+    """A steady figure: from the interleaved measurement (every method of the loop in one
+    process, taking turns) where there is one, else from the method's own worker."""
+    side = get(e, "loops_side", loop, "results", method, part, "median_s")
+    return side if side is not None else get(result(e, loop, method), part, "median_s")
 
 
 def _cell(e, loop, method, value, fmt) -> str:
@@ -129,8 +132,11 @@ def loop_tables(data: dict) -> list[str]:
         n = e.get("net") or {}
         numel = f"{n['numel']:,}" if isinstance(n.get("numel"), int) else DASH
         lines.append(f"| {m} | {n.get('desc', DASH)} | {n.get('tensors', DASH)} | {numel} | {n.get('lr', DASH)} |")
+    side = any(e.get("loops_side") for e in lm.values())
+    how = (" Every method of a loop timed interleaved in one process (turns of a few iterations, the "
+           "order rotating)." if side else " Each method in a process of its own, one after another.")
     lines += ["", "**Whole training iteration, ms (median)**: zero_grad + forward + backward + step; "
-              "compiled loop: one call of the compiled train step", ""] + _header()
+              "compiled loop: one call of the compiled train step." + how, ""] + _header()
     for loop, m, e in _rows(data):
         cells = [_cell(e, loop, k, median(e, loop, k, "iteration"), ms) for k, _ in COLUMNS]
         cells[0] = f"**{cells[0]}**"

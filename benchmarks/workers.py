@@ -283,10 +283,18 @@ def run_worker(args) -> None:
             res = worker_ours_mem(spec, st)
         elif args.worker == "torch_compile":
             res = worker_torch_compile(spec, st)
+        elif args.worker == "side_by_side":
+            from side_by_side import worker_side_by_side
+
+            res = worker_side_by_side(spec, st, with_torch_compile=args.phase == "with_tc")
         elif args.worker == "loop":
             from loops import worker_loop
 
             res = worker_loop(spec, st, args.loop, args.method)
+        elif args.worker == "loops_side":
+            from loops import worker_loops_side
+
+            res = worker_loops_side(spec, st, args.loop, args.method.split(","))
         else:
             raise ValueError(f"unknown worker task {args.worker!r}")
     except Exception:

@@ -65,7 +65,8 @@ def smoke(tmp_path_factory) -> tuple[Path, dict, str]:
 def test_help_lists_the_options():
     out = run(BENCH, "--help", timeout=60)
     for option in ("--quick", "--models", "--skip-torch-compile", "--tc-models", "--threads", "--json", "--table",
-                   "--plot", "--profile", "--device", "--loops", "--loop-methods", "--loop", "--worker-timeout"):
+                   "--plot", "--profile", "--device", "--loops", "--loop-methods", "--loop", "--worker-timeout",
+                   "--side-by-side-only", "--skip-side-by-side"):
         assert option in out
 
 
@@ -86,6 +87,15 @@ def test_smoke_run_records_every_measurement(smoke):
         check_summary(e[phase]["step"], f"{phase}/step")
         assert positive(e[phase]["first_call_s"]) and e[phase]["cache"] in ("cold", "warm")
     check_summary(e["ours_warm"]["fresh_grads"], "ours_warm/fresh_grads")
+    # side by side, interleaved in one process (no capturable=True on the CPU, no torch.compile here)
+    side = e["side_by_side"]
+    assert side["device"] == "cpu" and side["timer"] == "perf_counter" and side["rounds"] >= 5
+    assert set(side["methods"]) == {"ours", "foreach"}, side["methods"]
+    for method, r in side["methods"].items():
+        check_summary(r["step"], f"side_by_side/{method}")
+        assert positive(r["first_call_s"]) and r["what"], method
+    assert positive(side["copy"]["bandwidth_GBps"]) and positive(side["floor_s"])
+    assert side["floor_s"] == pytest.approx(e["floor_bytes"] / (side["copy"]["bandwidth_GBps"] * 1e9))
     assert positive(e["ours_mem"]["persistent_bytes"])
     # training loops
     assert e["net"]["tensors"] == 8 and e["net"]["numel"] == 288
@@ -109,6 +119,86 @@ def test_smoke_run_records_every_measurement(smoke):
     assert "wrote" in out
 
 
+@pytest.fixture
+def bench(monkeypatch):
+    """Import the benchmark's modules by name, as its workers do (sys.path and the
+    imported modules restored afterwards)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    before = set(sys.modules)
+    yield importlib.import_module
+    for name in set(sys.modules) - before:
+        if name in ("common", "report", "report_loops", "side_by_side", "workers"):
+            del sys.modules[name]
+
+
+def test_side_by_side_methods_per_device(bench):
+    """capturable=True only on CUDA (torch refuses it on the CPU); torch.compile when asked."""
+    sbs = bench("side_by_side")
+    assert sbs.methods_for("cuda", True) == ["ours", "foreach", "capturable", "tc_step"]
+    assert sbs.methods_for("cuda", False) == ["ours", "foreach", "capturable"]
+    assert sbs.methods_for("cpu", True) == ["ours", "foreach", "tc_step"]
+    if not torch_cuda_available():
+        import torch
+
+        with pytest.raises(Exception, match="capturable"):  # why the CPU leaves it out
+            p = torch.nn.Parameter(torch.ones(2))
+            p.grad = torch.ones(2)
+            torch.optim.RMSprop([p], capturable=True, foreach=True).step()
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def test_side_by_side_table_of_a_cuda_result(bench):
+    """The table a CUDA run prints: every method's median, the floor and ours / floor."""
+    sbs = bench("side_by_side")
+
+    def summary(median):
+        return {"median_s": median, "p25_s": median, "p75_s": median, "min_s": median, "n": 5}
+
+    result = {"device": "cuda", "timer": "cuda_events", "block": 10, "floor_s": 20e-6, "rounds": 5,
+              "copy": {"bandwidth_GBps": 4000.0},
+              "methods": {"ours": {"first_call_s": 4.0, "step": summary(30e-6)},
+                          "foreach": {"first_call_s": 0.1, "step": summary(300e-6)},
+                          "capturable": {"first_call_s": 0.1, "step": summary(250e-6)},
+                          "tc_step": {"first_call_s": 40.0, "step": summary(40e-6)}}}
+    data = {"machine": {"gpu": "NVIDIA H200", "cuda": "13.0"}, "models": {"200x4M": {"side_by_side": result}}}
+    lines = sbs.side_by_side_table(data)
+    row = next(line for line in lines if line.startswith("| 200x4M |"))
+    assert row == "| 200x4M | 0.02 | **0.03** | 0.3 | 0.25 | 0.04 | 1.50× | 4.00 / 40 |", row
+    assert "(cuda;" in lines[0] and "timer: cuda_events" in lines[-1]
+    assert "NVIDIA H200 (CUDA 13.0)" in bench("report").table(data)
+
+
+def test_device_cuda_without_a_gpu_exits_cleanly():
+    if torch_cuda_available():
+        pytest.skip("a GPU is here: tools/gpu_check.sh runs the CUDA benchmark")
+    out = run(BENCH, "--device", "cuda", "--side-by-side-only", "--quick", "--models", "tiny", timeout=120)
+    assert "CUDA is not available here" in out
+    bad = subprocess.run([sys.executable, BENCH, "--side-by-side-only", "--skip-side-by-side"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "exclude each other" in bad.stderr
+
+
+def test_smoke_run_interleaves_each_loop(smoke):
+    """Every method of a loop in one process, taking turns: steady figures for each."""
+    _, data, _ = smoke
+    side = data["models"]["tiny"]["loops_side"]
+    assert set(side) == set(SMOKE_LOOPS)
+    for loop in SMOKE_LOOPS:
+        methods = COMPILED_METHODS if loop == "compiled" else EAGER_METHODS
+        assert set(side[loop]["methods"]) == set(methods), loop
+        for method in methods:
+            r = side[loop]["results"][method]
+            assert r["finite"] and positive(r["first_call_in_process_s"]), (loop, method)
+            check_summary(r["iteration"], f"{loop}/{method}/iteration")
+            if loop != "compiled":
+                check_summary(r["step"], f"{loop}/{method}/step")
+
+
 def test_table_from_the_smoke_json(smoke):
     path, _, _ = smoke
     out = run(BENCH, "--table", "--json", str(path), timeout=60)
@@ -119,6 +209,7 @@ def test_table_from_the_smoke_json(smoke):
     assert any(line.startswith("| tiny | compiled |") for line in rows)
     assert "compiled loop (compile_train_step): first call ≤ no-step first call + 10 s (tiny)" in out
     assert "failed" not in out.split("**Targets, training loops**")[0]
+    assert "**Side by side, interleaved in one process, ms per step (median)** (cpu;" in out
 
 
 def test_table_of_the_committed_results_still_reads():
