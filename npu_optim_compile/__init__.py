@@ -7,9 +7,17 @@
 - :func:`rmsprop_init` / :func:`rmsprop_update`: a pure, jax-style API over pytrees.
 - :func:`compile_train_step`: ``torch.compile`` of a whole train step with the
   foreach-fusion pass installed.
+- :func:`ascend_dry_run`: torchair's real FX-to-GE conversion on a machine without an
+  NPU (loaded on first use).
 
 Importing this package never imports torch_npu or torchair.
 """
+
+import torch as _torch
+
+from ._torch_version import check_torch_version as _check_torch_version
+
+_check_torch_version(_torch.__version__)  # before any module that needs a newer torch
 
 from .functional import rmsprop_step
 from .optimizer import NpuFusedRMSprop
@@ -24,6 +32,7 @@ __all__ = [
     "PureRMSprop",
     "RMSpropOptions",
     "RMSpropState",
+    "ascend_dry_run",
     "compile_train_step",
     "optax_rmsprop",
     "rmsprop_init",
@@ -32,3 +41,15 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "ascend_dry_run":  # lazy: the dry run's modules load only when used
+        from ._dry_run import ascend_dry_run
+
+        return ascend_dry_run
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,18 +1,17 @@
 """The step engine: what ``NpuFusedRMSprop.step()`` runs, apart from the Optimizer facade.
 
-One :class:`StepEngine` per optimizer keeps, per param group, a :class:`GroupLayout`
-(the flat buckets and the params that stay loose) and, per bucket, the compiled step and
-its hyperparameter tensor. A step goes in four phases, so that a step that raises
-changes nothing:
+One :class:`StepEngine` per optimizer keeps, per param group, a :class:`~._plan.GroupPlan`
+(its buckets and loose params) and, per bucket, the compiled step and its hyperparameter
+tensor. Params, grads and state stay the user's tensors, where torch has them (unless
+the optimizer combines them, ``_combined.py``). A step goes in four phases, so that a
+step that raises changes nothing:
 
-1. **prepare** every group: the cheap per-step check (``GroupLayout.unchanged``) or,
-   when something moved, validation and a new gather;
+1. **prepare** every group: the cheap per-step check (``GroupPlan.current``) or, when
+   something moved, validation and a new plan (which copies nothing);
 2. **resolve** the compiled step of every bucket; a structure seen for the first time
    is compiled on scratch buffers first (a compile that fails fails here);
 3. **unscale** the grads in place under a GradScaler (what its ``unscale_`` does);
-4. **run**: copy the grads that do not live in their slot into the flat grad buffer,
-   call the compiled step per bucket, the per-tensor step for loose params, and only
-   then advance the step counts.
+4. **run** every bucket (``_executors.py``), then the per-tensor step for loose params.
 
 Inside a user's ``torch.compile`` the same engine runs behind one custom op
 (``_in_compile.py``).
@@ -21,55 +20,66 @@ Inside a user's ``torch.compile`` the same engine runs behind one custom op
 from __future__ import annotations
 
 import contextlib
-import operator
-from itertools import repeat
-from collections.abc import Callable, Mapping, Sequence
+import logging
+import time
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._bucket_step import HyperTensor, StepKey, get_bucket_step, segments_like
-from ._buckets import Bucket, GroupLayout, check_grads, grad_pointers
+from ._amp import Amp
+from ._bucket_step import StepKey, get_bucket_step, get_segment_kernel, is_built
+from ._hyper import HyperTensor
+from ._combined import Combiner
 from ._dump import bucket_context
-from ._ownership import is_foreign, local_tensors
+from ._executors import run_flat, run_segments, run_staged, step_loose
+from ._plan import Bucket, GroupPlan
+from ._segments import NotElementwise
+from ._npu import is_npu_device
 from ._state import TrackedState
-from .functional import rmsprop_step
+from ._tensors import GRAD, check_grads, grad_pointers
 from .options import RMSpropOptions
 
-__all__ = ["StepEngine", "Amp"]
+__all__ = ["Amp", "GroupWork", "StepEngine"]
 
-_GRAD = operator.attrgetter("grad")
+log = logging.getLogger("npu_optim_compile")
+_MISSING = object()
 
 
 @dataclass(frozen=True)
-class Amp:
-    """What a GradScaler hands the step: its scale (None when the grads are already
-    unscaled) and its found-inf flag."""
+class GroupWork:
+    """One group's part of one step: its options, its plan, and the grads of its params
+    that have one (in the plan's order) with their data pointers."""
 
-    grad_scale: Tensor | None
-    found_inf: Tensor | None
-
-
-@dataclass(eq=False)
-class _Compiled:
-    """What the engine keeps per bucket besides its buffers."""
-
-    hyper: HyperTensor
-    signature: tuple = ()
-    fn: Callable[..., None] | None = None
-    name: str = ""
+    index: int
+    options: RMSpropOptions
+    plan: GroupPlan
+    grads: tuple[Tensor, ...]
+    ptrs: tuple[int, ...]
 
 
 @dataclass(eq=False)
 class _Group:
-    """One param group's layout, its compiled steps and its options as last seen."""
+    """One param group's plan and its options as last seen."""
 
-    layout: GroupLayout | None = None
-    compiled: list[_Compiled] = field(default_factory=list)
+    plan: GroupPlan | None = None
     signature: tuple | None = None
     options: RMSpropOptions | None = None
+
+
+@dataclass(eq=False)
+class _Compiled:
+    """What a bucket keeps of its compiled step: for which signature, the callable (a
+    compiled bucket step, or a segment driver), its name and its hyper tensor."""
+
+    signature: tuple
+    fn: Any
+    name: str
+    hyper: HyperTensor = field(repr=False)
 
 
 class StepEngine:
@@ -80,31 +90,43 @@ class StepEngine:
         npu_mode: torchair's mode (used where the backend resolves to torchair).
         dump_dir: graph-dump folder, "" for none.
         aliases: other frameworks' param-group keys mapped onto ours.
+        required: the keys every param group must have (the optimizer's defaults').
+        combine: combine params into flat buffers (``_combined.py``).
     """
 
-    def __init__(self, backend: str, npu_mode: str, dump_dir: str, aliases: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        backend: str,
+        npu_mode: str,
+        dump_dir: str,
+        aliases: Mapping[str, str] | None = None,
+        required: Sequence[str] = (),
+        combine: bool = False,
+    ) -> None:
         self.backend = backend
         self.npu_mode = npu_mode
         self.dump_dir = dump_dir
         self.aliases = dict(aliases or {})
+        self.required = tuple(required)  # group keys every group must have (RMSpropOptions.from_group)
+        self.combiner = Combiner() if combine else None
         self.groups: dict[int, _Group] = {}
-        #: Bumped whenever a layout is gathered anew (a compiled train step guards on it).
+        #: Bumped whenever a plan is made anew (a compiled train step guards on it).
         self.generation = 0
-        self._keys = RMSpropOptions.names() + tuple(self.aliases)
+        self._keys = RMSpropOptions.group_keys() + tuple(self.aliases)
 
     # -- the public-to-the-package interface --------------------------------------
 
     def options(self, index: int, group: Mapping[str, Any]) -> RMSpropOptions:
         """The options of param group ``index`` (rebuilt and validated when it changed)."""
         entry = self.groups.get(index) or self.groups.setdefault(index, _Group())
-        signature = tuple(map(group.get, self._keys))
+        signature = tuple(map(group.get, self._keys, repeat(_MISSING)))  # a deleted key is seen
         if entry.options is None or signature != entry.signature:
-            entry.options = RMSpropOptions.from_group(group, self.aliases)
+            entry.options = RMSpropOptions.from_group(group, self.aliases, self.required)
             entry.signature = signature
         return entry.options
 
-    def layouts(self) -> dict[int, GroupLayout]:
-        return {i: g.layout for i, g in self.groups.items() if g.layout is not None}
+    def plans(self) -> dict[int, GroupPlan]:
+        return {i: g.plan for i, g in self.groups.items() if g.plan is not None}
 
     def step(
         self,
@@ -117,17 +139,18 @@ class StepEngine:
 
         ``grads``: per group, the grads to use instead of each param's ``.grad`` (the
         compiled graph's values, see ``_in_compile.py``)."""
-        jobs = []
+        work = []
         for index, group in enumerate(param_groups):
             options = self.options(index, group)
-            prepared = self.prepare(index, group, options, state, None if grads is None else grads[index])
-            if prepared is not None:
-                jobs.append((index, options, *prepared))
-        steps = [self._resolve(index, layout, options, amp) for index, options, layout, _, _ in jobs]
+            item = self.prepare(index, group, options, state, None if grads is None else grads[index])
+            if item is not None:
+                work.append(item)
+        for item in work:
+            self._resolve(item, amp)
         if amp.grad_scale is not None:
-            self._unscale([(layout, grads, ptrs) for _, _, layout, grads, ptrs in jobs], amp.grad_scale)
-        for (index, options, layout, grads, ptrs), fns in zip(jobs, steps):
-            self._run(index, layout, grads, ptrs, options, fns, state, amp)
+            self._unscale(work, amp.grad_scale)
+        for item in work:
+            self._run(item, state, amp)
 
     def prepare(
         self,
@@ -136,89 +159,72 @@ class StepEngine:
         options: RMSpropOptions,
         state: TrackedState,
         grads: list[Tensor | None] | None = None,
-    ) -> tuple[GroupLayout, tuple, tuple] | None:
-        """Group ``index``'s layout, current, the grads of its params that have one and
-        their data pointers (``None`` when no param has a grad)."""
+    ) -> GroupWork | None:
+        """Group ``index``'s plan, current, and the grads of its params that have one
+        (``None`` when no param has a grad)."""
         gparams = group["params"]
         if grads is None:
-            grads = list(map(_GRAD, gparams))
+            grads = list(map(GRAD, gparams))
         entry = self.groups.get(index) or self.groups.setdefault(index, _Group())
-        layout = entry.layout
+        plan = entry.plan
         roles = options.roles
-        if layout is None or not layout.unchanged(state, roles, gparams, grads):
+        signature = self._plan_signature(options)
+        if plan is None or not _current(plan, state, roles, signature, gparams, grads):
             if all(g is None for g in grads):
                 return None
-            layout = self._gather(index, entry, gparams, grads, roles, options, state)
-        if not layout.params:
+            check_grads([p for p, g in zip(gparams, grads) if g is not None], index)
+            plan = entry.plan = GroupPlan.build(
+                gparams,
+                grads,
+                state,
+                roles,
+                lambda device: self._kind(device, options),
+                signature,
+                initial_square_avg=options.initial_square_avg,
+                split_by_step=options.bias_correction,
+                combiner=self.combiner,
+            )
+            self.generation += 1
+        if not plan.params:
             return None
-        grads = layout.take_params(grads)
-        return layout, grads, grad_pointers(grads, index)
-
-    def zero_grad_into_buffers(self, param_groups: Sequence[dict]) -> list[Tensor]:
-        """``zero_grad(set_to_none=False)`` for the params in buckets: point each grad at
-        its slot of the flat grad buffer (backward then accumulates straight into it)
-        and zero each flat grad buffer at once. Returns the grads left for the caller
-        to zero as torch does (loose params, groups not gathered yet, foreign grads, and
-        the tensors a re-pointed grad replaced, which torch would have zeroed)."""
-        rest: list[Tensor] = []
-        for index, group in enumerate(param_groups):
-            gparams = group["params"]
-            grads = list(map(_GRAD, gparams))
-            entry = self.groups.get(index)
-            layout = entry.layout if entry is not None else None
-            if layout is None or tuple(map(operator.is_, grads, repeat(None))) != layout.no_grad:
-                rest += [g for g in grads if g is not None]
-                continue
-            present = layout.take_params(grads)
-            for bucket in layout.buckets:
-                bgrads = bucket.take_grads(present)
-                if tuple(map(Tensor.data_ptr, bgrads)) != bucket.slot_ptrs:
-                    for p, g, slot in zip(bucket.params, bgrads, bucket.slots):
-                        if g.data_ptr() == slot.data_ptr():
-                            continue
-                        rest.append(g)  # zeroed as torch does: a reference the user kept reads 0
-                        if not is_foreign(g) and p.data_ptr() == _slot_param_ptr(bucket, slot):
-                            p.grad = bucket.slot_view(slot)  # (DDP's bucket views and params that moved stay)
-                bucket.grad.zero_()
-            rest += layout.take_loose(present)
-        return rest
-
-    def step_buffers(self, state: dict) -> list[Tensor]:
-        """Every tensor a step writes, in a fixed order: per bucket its flat param
-        buffer, its flat state buffers and its step counts; per loose param the param,
-        its state tensors and its step."""
-        out: list[Tensor] = []
-        for _, entry in sorted(self.groups.items()):
-            layout = entry.layout
-            if layout is None:
-                continue
-            for b in layout.buckets:
-                out += [b.param, *b.state.values(), b.steps]
-            for p in layout.loose:
-                st = state[p]
-                out += [p, *(st[role] for role in layout.roles), st["step"]]
-        return out
+        present = plan.take_params(grads)
+        return GroupWork(index, options, plan, present, grad_pointers(present))  # (torch's error for a sparse grad)
 
     def mark_stale(self) -> None:
         for entry in self.groups.values():
-            if entry.layout is not None:
-                entry.layout.stale = True
+            if entry.plan is not None:
+                entry.plan.stale = True
+
+    def step_buffers(self) -> list[Tensor]:
+        """Every param tensor a step writes, in a fixed order (a combined chunk on an
+        accelerator: its flat buffer)."""
+        out: list[Tensor] = []
+        for _, entry in sorted(self.groups.items()):
+            plan = entry.plan
+            if plan is None:
+                continue
+            for b in plan.buckets:
+                out += [b.chunk.param] if b.kind == "flat" else b.params
+            out += plan.loose
+        return out
 
     def describe(self) -> list[dict[str, Any]]:
         """One entry per bucket of the last step: group, device, dtype, tensors, elements."""
         out = []
         for index, entry in sorted(self.groups.items()):
-            if entry.layout is None:
+            if entry.plan is None:
                 continue
-            for bucket, compiled in zip(entry.layout.buckets, entry.compiled or [None] * len(entry.layout.buckets)):
+            for bucket in entry.plan.buckets:
+                compiled = bucket.cache.get("compiled")
                 out.append(
                     {
                         "group": index,
                         "device": str(bucket.device),
-                        "dtype": str(bucket.param.dtype).removeprefix("torch."),
+                        "dtype": str(bucket.dtype).removeprefix("torch."),
                         "tensors": len(bucket.params),
                         "elements": bucket.numel,
-                        "state": list(bucket.state),
+                        "state": list(entry.plan.roles),
+                        "kind": bucket.kind,
                         "graph": compiled.name if compiled is not None else "",
                     }
                 )
@@ -226,130 +232,132 @@ class StepEngine:
 
     # -- phases ---------------------------------------------------------------------
 
-    def _gather(self, index, entry, gparams, grads, roles, options, state) -> GroupLayout:
-        check_grads([p for p, g in zip(gparams, grads) if g is not None], index)
-        layout = GroupLayout.build(
-            gparams,
-            grads,
-            state,
-            roles,
-            entry.layout,
-            initial_square_avg=options.initial_square_avg,
-            split_by_step=options.bias_correction,
-        )
-        entry.layout = layout
-        entry.compiled = [_Compiled(HyperTensor(b.device)) for b in layout.buckets]
-        self.generation += 1
-        return layout
-
     def _resolve_backend(self, device: torch.device) -> str:
         if self.backend == "auto":
-            return "torchair" if device.type == "npu" else "inductor"
+            return "torchair" if is_npu_device(device) else "inductor"
         return self.backend
 
-    def _resolve(self, index: int, layout: GroupLayout, options: RMSpropOptions, amp: Amp) -> list[Callable]:
-        """The compiled step of each bucket, kept on the bucket's entry while its
-        signature holds (the common case: every step); a new structure is compiled here,
-        on scratch buffers, before anything is changed."""
-        entry = self.groups[index]
-        flags = options.structure() | ({"found_inf"} if amp.found_inf is not None else set())
-        fns = []
-        for bucket, compiled in zip(layout.buckets, entry.compiled):
+    def _kind(self, device: torch.device, options: RMSpropOptions) -> str:
+        """How buckets on ``device`` run (``_plan.Bucket.kind``); the eager backend runs
+        the Python bucket step on staging copies."""
+        backend = self._resolve_backend(device)
+        if backend == "inductor" and device.type == "cpu" and not options.caution:
+            return "segments"  # caution's per-param mean is not elementwise
+        return "staged"
+
+    def _plan_signature(self, options: RMSpropOptions) -> tuple:
+        """What a plan depends on besides the tensors: the bucket kinds (through the
+        backend and caution) and whether buckets share step counts."""
+        return (self.backend, bool(options.caution), bool(options.bias_correction))
+
+    def _resolve(self, work: GroupWork, amp: Amp) -> None:
+        """The compiled step of each bucket, kept on the bucket while its signature holds
+        (the common case: every step); a new structure is compiled here, on scratch
+        buffers, before anything is changed."""
+        flags = work.options.structure() | ({"found_inf"} if amp.found_inf is not None else set())
+        for bucket in work.plan.buckets:
+            if bucket.kind == "loose":  # its compile failed: the per-tensor step, for this plan
+                continue
             backend = self._resolve_backend(bucket.device)
             mode = self.npu_mode if backend == "torchair" else ""
-            signature = (flags, backend, mode, self.dump_dir)
-            if compiled.fn is None or compiled.signature != signature:
-                key = StepKey(backend, bucket.device.type, bucket.step_args[0].dtype, frozenset(flags), mode, self.dump_dir)
-                with bucket_context(self.describe()) if self.dump_dir else contextlib.nullcontext():
-                    fn = get_bucket_step(key, like=bucket.step_args)
-                compiled.fn, compiled.signature, compiled.name = fn, signature, key.name()
-            fns.append(compiled.fn)
-        return fns
+            signature = (flags, backend, mode, self.dump_dir, bucket.kind)
+            compiled = bucket.cache.get("compiled")
+            if compiled is not None and compiled.signature == signature:
+                continue
+            executor = "segments" if bucket.kind == "segments" else "flat"
+            key = StepKey(backend, bucket.device.type, bucket.dtype, frozenset(flags), mode, self.dump_dir, executor)
+            fresh = backend != "eager" and not is_built(key)
+            if fresh:
+                log.info("npu_optim_compile: compiling %s (%s); cached for every later step", key.name(), backend)
+            start = time.perf_counter()
+            with bucket_context(self.describe()) if self.dump_dir else contextlib.nullcontext():
+                try:
+                    fn = get_segment_kernel(key) if executor == "segments" else get_bucket_step(key, bucket.numel)
+                except NotElementwise as e:
+                    log.warning("npu_optim_compile: %s: %s; this bucket takes the per-tensor step", key.name(), e)
+                    bucket.kind = "loose"
+                    fn = None
+                except Exception as e:
+                    if not _toolchain_error(e):
+                        raise
+                    if not torch._dynamo.config.suppress_errors:
+                        raise RuntimeError(_NO_COMPILER.format(backend=backend, error=_toolchain_error(e))) from e
+                    warnings.warn(
+                        f"npu_optim_compile: no working C++ compiler ({_toolchain_error(e)}); "
+                        "torch._dynamo.config.suppress_errors is set, so this step runs eagerly, per tensor",
+                        stacklevel=4,
+                    )
+                    bucket.kind = "loose"
+                    fn = None
+            if fresh:
+                log.info("npu_optim_compile: %s ready in %.1f s", key.name(), time.perf_counter() - start)
+            hyper = compiled.hyper if compiled is not None else HyperTensor(bucket.device)
+            bucket.cache["compiled"] = _Compiled(signature, fn, key.name(), hyper)
 
     @staticmethod
-    def _unscale(jobs: list[tuple[GroupLayout, tuple, tuple]], grad_scale: Tensor) -> None:
+    def _unscale(work: list[GroupWork], grad_scale: Tensor) -> None:
         """``GradScaler.unscale_``'s effect, in place: every grad times 1 / scale."""
         inv = grad_scale.double().reciprocal().float()
-        per_device: dict[torch.device, Tensor] = {}
-        for layout, grads, ptrs in jobs:
-            for bucket in layout.buckets:
-                bgrads = bucket.take_grads(grads)
-                scale = per_device.setdefault(bucket.device, inv.to(bucket.device, non_blocking=True))
-                if bucket.take_grads(ptrs) == bucket.slot_ptrs:
-                    bucket.grad.mul_(scale)  # they are the flat buffer's slots
-                else:
-                    torch._foreach_mul_(list(bgrads), scale)
-            loose = list(layout.take_loose(grads))
-            if loose:
-                torch._foreach_mul_(loose, inv.to(loose[0].device, non_blocking=True))
+        per_device: dict[torch.device, list[Tensor]] = {}
+        for item in work:
+            for g in item.grads:
+                per_device.setdefault(g.device, []).append(g)
+        for device, grads in per_device.items():
+            torch._foreach_mul_(grads, inv.to(device, non_blocking=True))
 
-    def _run(self, index, layout, grads, ptrs, options, fns, state, amp: Amp) -> None:
+    def _run(self, work: GroupWork, state: dict, amp: Amp) -> None:
+        options, plan = work.options, work.plan
         found_inf = amp.found_inf
-        for bucket, compiled, fn in zip(layout.buckets, self.groups[index].compiled, fns):
-            bucket.load_grads(bucket.take_grads(grads), bucket.take_grads(ptrs))
+        late: list[Bucket] = []
+        for bucket in plan.buckets:
+            if bucket.kind == "loose":
+                late.append(bucket)
+                continue
+            compiled = bucket.cache["compiled"]
+            grads = bucket.take(work.grads)
             skip = None if found_inf is None else found_inf.to(bucket.device, non_blocking=True)
-            hyper = compiled.hyper.refresh(options, bucket.steps[0] + 1 if options.bias_correction else None)
-            segments = _segments(bucket) if options.caution else (None, None)
-            if self.dump_dir:
-                with bucket_context(self.describe()):
-                    fn(*bucket.step_args, hyper, skip, *segments)
-            else:
-                fn(*bucket.step_args, hyper, skip, *segments)
-            bucket.steps.add_(1 if skip is None else 1 - skip)
-            # The step wrote to the flat buffer, not through `p`: tell autograd, so a graph
-            # that saved a param before the step still fails on backward, as with torch.
-            torch.autograd.graph.increment_version(bucket.params)
-        if layout.loose:  # params that cannot be views of a flat buffer: per-tensor step
-            self._step_loose(layout.loose, layout.take_loose(grads), options, state, found_inf)
-            torch.autograd.graph.increment_version(layout.loose)
-
-    @staticmethod
-    def _step_loose(params: list[Tensor], grads, options: RMSpropOptions, state, found_inf: Tensor | None) -> None:
-        """The per-tensor step for params that are not in a flat bucket.
-
-        A param listed twice in a group is updated twice, one update after the other,
-        as torch.optim.RMSprop does (it warns about the duplicate at construction): the
-        params go in rounds in which each appears at most once."""
-        rounds: list[list[int]] = []
-        seen: dict[int, int] = {}
-        for i, p in enumerate(params):
-            k = seen[id(p)] = seen.get(id(p), -1) + 1
-            if k == len(rounds):
-                rounds.append([])
-            rounds[k].append(i)
-        for indices in rounds:
-            ps = [params[i] for i in indices]
-            _step_tensors(ps, [grads[i] for i in indices], [state[p] for p in ps], options, found_inf)
+            step = None
+            if options.bias_correction and bucket.kind != "segments":  # one count per bucket
+                step = (bucket.chunk.steps[0] if bucket.kind == "flat" else bucket.states[0]["step"]) + 1
+            hyper = compiled.hyper.refresh(options, step)
+            with bucket_context(self.describe()) if self.dump_dir else contextlib.nullcontext():
+                if bucket.kind == "segments":
+                    run_segments(bucket, compiled.fn, bucket.take(work.ptrs), hyper, skip, options.roles)
+                elif bucket.kind == "flat":
+                    run_flat(bucket, compiled.fn, grads, hyper, skip, options)
+                else:
+                    run_staged(bucket, compiled.fn, grads, hyper, skip, options)
+        loose = list(plan.loose)
+        loose_grads = list(plan.take_loose(work.grads))
+        for bucket in late:
+            loose += bucket.params
+            loose_grads += bucket.take(work.grads)
+        if loose:
+            step_loose(loose, loose_grads, options, state, found_inf)
 
 
-def _step_tensors(params, grads, states, options: RMSpropOptions, found_inf: Tensor | None) -> None:
-    # DTensors (FSDP2) are updated through their local shards; their state stays DTensor.
-    steps = [st["step"] for st in states]
-
-    def role(name: str) -> list[Tensor] | None:
-        return local_tensors([st[name] for st in states]) if name in options.roles else None
-
-    skip = None if found_inf is None else found_inf.to(steps[0].device)
-    rmsprop_step(
-        local_tensors(params),
-        local_tensors(grads, like=params),
-        role("square_avg"),
-        role("grad_avg"),
-        role("momentum_buffer"),
-        state_steps=[t + 1 for t in steps] if options.bias_correction else None,
-        found_inf=found_inf,
-        **options.step_kwargs(),
-    )
-    torch._foreach_add_(steps, 1 if skip is None else 1 - skip)
+_NO_COMPILER = (
+    "NpuFusedRMSprop could not compile its step with backend={backend!r}: {error}. inductor "
+    "builds the step's kernel with a C++ compiler: install one (e.g. `apt-get install g++`, "
+    "or set CXX to a working one), or construct the optimizer with backend='eager' (no "
+    "compilation), or set torch._dynamo.config.suppress_errors = True to fall back to the "
+    "per-tensor eager step automatically"
+)
 
 
-def _segments(bucket: Bucket) -> tuple[Tensor, Tensor]:
-    if bucket.segments is None:
-        per = 2 if bucket.param.is_complex() else 1
-        bucket.segments = segments_like(bucket.step_args[0], [p.numel() * per for p in bucket.params], True)
-    return bucket.segments
+def _toolchain_error(e: BaseException) -> str:
+    """The message of a missing or broken C++ toolchain in ``e``'s chain, else ""."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__name__ in ("InvalidCxxCompiler", "CppCompileError"):
+            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        e = e.__cause__ or getattr(e, "inner_exception", None) or e.__context__
+    return ""
 
 
-def _slot_param_ptr(bucket: Bucket, slot: Tensor) -> int:
-    """The address of the param slot that corresponds to a grad slot."""
-    return bucket.param.data_ptr() + (slot.data_ptr() - bucket.grad.data_ptr())
+def _current(plan: GroupPlan, state, roles, signature, gparams, grads) -> bool:
+    try:
+        return plan.current(state, roles, signature, gparams, grads)
+    except RuntimeError:  # e.g. a sparse grad where a dense one was: plan (and fail) anew
+        return False

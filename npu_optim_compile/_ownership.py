@@ -1,8 +1,10 @@
 """Whose storage a tensor lives in: what the optimizer may re-point, and what it must not.
 
-The flat buckets (``_buckets.py``) re-point ``p.data``, ``p.grad`` and the state tensors
-into buffers the optimizer allocates. That is only safe for a tensor whose storage
-nobody else lays out. Three engines own storage themselves:
+By default the optimizer re-points nothing. With ``combine_params=True``
+(``_combined.py``) it re-points ``p.data`` and the state tensors into buffers it
+allocates, and ``zero_grad(set_to_none=False)`` points grads into them. That is only
+safe for a tensor whose storage nobody else lays out. Three engines own storage
+themselves:
 
 - ``ZeroRedundancyOptimizer(parameters_as_bucket_view=True)`` makes every param a view
   of *its* per-rank bucket and broadcasts that bucket after each step: a param
@@ -14,15 +16,10 @@ nobody else lays out. Three engines own storage themselves:
 
 So: a tensor that shares its storage with other tensors, in a storage the optimizer did
 not allocate (a view into a larger storage, or a storage another tensor also uses), is
-*foreign*. A foreign
-param is never re-pointed: it is updated in place on the per-tensor ("loose") path. A
-foreign grad is never re-pointed either: it is copied into the flat grad buffer before
-each step (the copy a gather costs anyway). Tensor subclasses such as DTensor are
-updated through their local tensors (:func:`local_tensors`); their state stays a
-DTensor, like torch.optim.RMSprop's, so distributed checkpoints work.
-
-The per-tensor path is correct but slower than one fused kernel per bucket: with ZeRO,
-``parameters_as_bucket_view=False`` (its default) keeps the params ours to bucket.
+*foreign*. A foreign param is never combined: it is updated in place, where it lives. A
+foreign grad is never re-pointed either: it is read where it lives. Tensor subclasses
+such as DTensor are updated through their local tensors (:func:`local_tensors`); their
+state stays a DTensor, like torch.optim.RMSprop's, so distributed checkpoints work.
 """
 
 from __future__ import annotations
@@ -34,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-__all__ = ["is_foreign", "is_ours", "local_tensors", "register_flat", "storage_key"]
+__all__ = ["is_foreign", "local_tensors", "register_flat", "storage_key"]
 
 #: The storages of the flat buffers the optimizers of this process allocated. A storage's
 #: Python object lives as long as any tensor uses it, so a flat buffer stays known while
@@ -46,11 +43,6 @@ def register_flat(flat: Tensor) -> Tensor:
     """Record ``flat`` as one of our flat buffers; return it."""
     _flat_storages.add(flat.untyped_storage())
     return flat
-
-
-def is_ours(t: Tensor) -> bool:
-    """Whether ``t`` lives in one of our flat buffers."""
-    return t.layout == torch.strided and not is_traceable_wrapper_subclass(t) and t.untyped_storage() in _flat_storages
 
 
 def is_foreign(t: Tensor) -> bool:

@@ -6,9 +6,11 @@ so one kind of mistake reads the same whichever API made it.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -17,8 +19,10 @@ __all__ = [
     "check_choice",
     "check_dump_dir",
     "check_hyperparameters",
+    "check_loss_scale",
     "check_option_combination",
     "check_param_dtype",
+    "check_positive",
     "check_sparse",
 ]
 
@@ -32,36 +36,57 @@ _TORCH_MESSAGES = {
 }
 
 
-def check_hyperparameters(**values: float | Tensor) -> None:
-    """``ValueError`` for a negative ``lr``, ``eps``, ``momentum``, ``weight_decay`` or
-    ``alpha`` (torch's messages, in torch's order) and for a tensor lr that is not
-    1-element. Tensors other than lr are checked when they are 1-element."""
+def check_hyperparameters(**values: Any) -> None:
+    """For the hyperparameters given (``lr``, ``eps``, ``momentum``, ``weight_decay``,
+    ``alpha``, ``loss_scale``): ``TypeError`` for one that is neither a real number nor
+    a tensor (``None`` included: torch.optim.RMSprop raises ``TypeError`` for it too,
+    where it would otherwise run as 0); ``ValueError`` for a negative ``lr``, ``eps``,
+    ``momentum``, ``weight_decay`` or ``alpha`` (torch's messages, in torch's order), a
+    ``loss_scale`` not > 0 and a tensor lr that is not 1-element. Tensors other than lr
+    are checked when they are 1-element."""
+    for name, value in values.items():
+        if not isinstance(value, (numbers.Real, Tensor)):
+            raise TypeError(f"Invalid {name} value: {value!r} ({name} must be a real number or a tensor)")
     lr = values.get("lr")
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")
     for name, template in _TORCH_MESSAGES.items():
-        value = values.get(name)
-        if value is None:
+        if name not in values:
             continue
+        value = values[name]
         if isinstance(value, Tensor):  # checked where its value can be read without a trace
             if value.numel() != 1 or value.device.type == "meta" or torch.compiler.is_compiling():
                 continue
             value = value.detach()
         if not 0.0 <= value:
             raise ValueError(template.format(value))
+    if "loss_scale" in values:
+        check_loss_scale(values["loss_scale"])
+
+
+def check_positive(name: str, value: float | Tensor, why: str = "must be > 0") -> None:
+    """``ValueError`` for a number that is not > 0 (a tensor is not checked)."""
+    if not isinstance(value, Tensor) and not value > 0:
+        raise ValueError(f"Invalid {name} value: {value} ({why})")
+
+
+def check_loss_scale(loss_scale: float | Tensor) -> None:
+    """``ValueError`` for a number loss scale that is not > 0."""
+    check_positive("loss_scale", loss_scale)
 
 
 def check_option_combination(
     *,
     momentum_buffers: bool,
     nesterov: bool,
-    loss_scale: float | Tensor,
-    initial_square_avg: float,
+    loss_scale: float | Tensor = 1.0,
+    initial_square_avg: float = 0.0,
     corrected_weight_decay: bool = False,
     max_lr: float | Tensor | None = None,
     lr_scaled_decay: bool = True,
 ) -> None:
-    """``ValueError`` for option values and combinations that make no sense."""
+    """``ValueError`` for option values and combinations that make no sense (one
+    wording for the optimizer, the pure API and :func:`~npu_optim_compile.rmsprop_step`)."""
     if corrected_weight_decay:
         if max_lr is None or (not isinstance(max_lr, Tensor) and not max_lr > 0):
             raise ValueError(f"Invalid max_lr value: {max_lr} (corrected_weight_decay=True needs max_lr > 0)")
@@ -69,8 +94,7 @@ def check_option_combination(
             raise ValueError("corrected_weight_decay=True needs lr_scaled_decay=True")
     if nesterov and not momentum_buffers:
         raise ValueError("nesterov=True needs momentum: set momentum > 0 (or pass momentum buffers)")
-    if not isinstance(loss_scale, Tensor) and not loss_scale > 0:
-        raise ValueError(f"Invalid loss_scale value: {loss_scale} (must be > 0)")
+    check_loss_scale(loss_scale)
     if not initial_square_avg >= 0:
         raise ValueError(f"Invalid initial_square_avg value: {initial_square_avg} (must be >= 0)")
 

@@ -1,21 +1,25 @@
 """The functional RMSprop step: the one source of the update math in this library.
 
 Everything else (the stateful :class:`~npu_optim_compile.NpuFusedRMSprop`, the pure
-:func:`~npu_optim_compile.rmsprop_update`) calls :func:`rmsprop_step`.
+:func:`~npu_optim_compile.rmsprop_update`) calls :func:`rmsprop_step`. It is a short
+driver over named private stages, each a few ``torch._foreach_*`` ops, run in this
+order (the order of the traced graph, which the foreach-fusion pass and the compiled
+kernels see): the gradient (loss scale, sign), the weight decay, the second moment, the
+denominator (bias correction, the centered mean gradient, eps), the momentum (with
+caution) or the plain update, and AMP's skip.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["rmsprop_step", "Scalar"]
+from ._validation import check_option_combination
+from .options import Scalar
 
-#: A hyperparameter: a Python number or a 0-d tensor (a tensor never causes a recompile).
-Scalar = Union[float, int, Tensor]
+__all__ = ["rmsprop_step"]
 
 
 def _is_tensor(x: object) -> bool:
@@ -80,22 +84,6 @@ def _cautious(
     return torch._foreach_mul(steps, masks)
 
 
-def check_options(
-    *,
-    momentum_buffers: bool,
-    nesterov: bool,
-    loss_scale: Scalar,
-    initial_square_avg: float = 0.0,
-) -> None:
-    """ValueError for option combinations that make no sense (shared by every API)."""
-    if nesterov and not momentum_buffers:
-        raise ValueError("nesterov=True needs momentum: set momentum > 0 (or pass momentum buffers)")
-    if not _is_tensor(loss_scale) and not loss_scale > 0:
-        raise ValueError(f"Invalid loss_scale value: {loss_scale} (must be > 0)")
-    if not initial_square_avg >= 0:
-        raise ValueError(f"Invalid initial_square_avg value: {initial_square_avg} (must be >= 0)")
-
-
 def rmsprop_step(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -118,13 +106,13 @@ def rmsprop_step(
     bias_correction: bool = False,
     state_steps: Sequence[Scalar] | None = None,
     loss_scale: Scalar = 1.0,
-    grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     caution: bool = False,
     corrected_weight_decay: bool = False,
     max_lr: Scalar | None = None,
     segment_ids: Sequence[Tensor] | None = None,
     segment_sizes: Sequence[Tensor] | None = None,
+    op_order: str = "torch",
 ) -> None:
     r"""One RMSprop step over lists of tensors, in place, with ``torch._foreach_*`` ops.
 
@@ -199,8 +187,6 @@ def rmsprop_step(
         state_steps: the step count :math:`t` of each param *including* this step, as
             numbers or 0-d tensors (one per param, or a single one for all); needed only
             for ``bias_correction``. This function never increments them.
-        grad_scale: AMP: the grads are multiplied by ``1 / grad_scale`` first
-            (``torch.amp.GradScaler``'s unscale).
         found_inf: AMP: where it is nonzero, params and state keep their old values (the
             step is skipped without a host synchronisation).
         caution: timm's ``caution`` ("Cautious Optimizers", timm 1.0.31
@@ -225,49 +211,43 @@ def rmsprop_step(
             The mask mean is then taken per segment, so a flat buffer gives what the
             per-param lists give. None (the default): each list element is one param.
             Used only with ``caution``.
+        op_order: the order of operations, which decides how fp32 rounds (the
+            values are equal in exact arithmetic). ``"torch"``: torch.optim.RMSprop's,
+            :math:`v \leftarrow \alpha v + ((1 - \alpha) g) g` (its ``addcmul``),
+            :math:`\bar g \leftarrow \bar g + (1 - \alpha)(g - \bar g)` (its ``lerp``
+            for :math:`1 - \alpha < 0.5`), :math:`u = \gamma (g / d)` with lr in
+            momentum. ``"tf"``: TensorFlow's, which timm 1.0.31 (``optim/rmsprop_tf.py``
+            lines 268 and 282), torch_npu (``optim/npu_fused_rmsprop_tf.py``) and
+            MindSpore 2.10.0 (``rmsprop_cpu_kernel.cc``) follow: :math:`v \leftarrow v +
+            (1 - \alpha)(g g - v)` and :math:`u = (\gamma g) / d` (their ``addcdiv``).
+            ``"optax"``: optax's moments (``optax/tree_utils/_tree_math.py``,
+            ``tree_update_moment*``): :math:`v \leftarrow (1 - \alpha)(g g) + \alpha v`,
+            :math:`\bar g \leftarrow (1 - \alpha) g + \alpha \bar g`.
 
     Complex tensors are updated as pairs of real numbers (``torch.view_as_real``), as
     torch.optim.RMSprop does. The function is traceable by
-    ``torch.compile(fullgraph=True)`` with no graph break.
+    ``torch.compile(fullgraph=True)`` with no graph break. Option errors read as
+    :class:`~npu_optim_compile.RMSpropOptions`' (``_validation.py``).
     """
-    if len(params) == 0:
-        return
     n = len(params)
-    if len(grads) != n or len(square_avgs) != n:
-        raise ValueError(
-            f"rmsprop_step: params, grads and square_avgs must have the same length; got "
-            f"{n}, {len(grads)} and {len(square_avgs)}"
-        )
-    grad_avgs = list(grad_avgs or [])
-    momentum_buffers = list(momentum_buffers or [])
-    if centered and len(grad_avgs) != n:
-        raise ValueError(f"rmsprop_step: centered=True needs {n} grad_avgs, got {len(grad_avgs)}")
-    if momentum_buffers and len(momentum_buffers) != n:
-        raise ValueError(
-            f"rmsprop_step: expected {n} momentum_buffers (or none), got {len(momentum_buffers)}"
-        )
-    check_options(momentum_buffers=bool(momentum_buffers), nesterov=nesterov, loss_scale=loss_scale)
-    if corrected_weight_decay:
-        if max_lr is None or (not _is_tensor(max_lr) and not max_lr > 0):
-            raise ValueError(f"rmsprop_step: corrected_weight_decay=True needs max_lr > 0, got {max_lr}")
-        if decoupled_weight_decay and not lr_scaled_decay:
-            raise ValueError("rmsprop_step: corrected_weight_decay=True needs lr_scaled_decay=True")
-    if caution and (segment_ids is None) != (segment_sizes is None):
-        raise ValueError("rmsprop_step: give both segment_ids and segment_sizes, or neither")
-    if caution and segment_ids is not None and (len(segment_ids) != n or len(segment_sizes) != n):
-        raise ValueError(
-            f"rmsprop_step: expected {n} segment_ids and segment_sizes, got "
-            f"{len(segment_ids)} and {len(segment_sizes)}"
-        )
-    steps: list[Scalar] = []
-    if bias_correction:
-        steps = list(state_steps or [])
-        if len(steps) not in (1, n):
-            raise ValueError(
-                f"rmsprop_step: bias_correction=True needs state_steps (1 or {n} step counts), "
-                f"got {len(steps)}"
-            )
-        steps = steps * n if len(steps) == 1 else steps
+    if n == 0:
+        return
+    grad_avgs = [] if grad_avgs is None else list(grad_avgs)
+    momentum_buffers = [] if momentum_buffers is None else list(momentum_buffers)
+    _check_lengths(n, grads, square_avgs, grad_avgs, momentum_buffers, centered)
+    # len(...) > 0, not bool(list): Dynamo (torch 2.11) cannot trace bool() of a list
+    has_momentum = len(momentum_buffers) > 0
+    check_option_combination(
+        momentum_buffers=has_momentum,
+        nesterov=nesterov,
+        loss_scale=loss_scale,
+        corrected_weight_decay=corrected_weight_decay,
+        max_lr=max_lr,
+        lr_scaled_decay=lr_scaled_decay,
+    )
+    if caution:
+        _check_segments(n, segment_ids, segment_sizes)
+    steps = _step_counts(n, state_steps) if bias_correction else []
 
     params = _real_views(params)
     grads = _real_views(grads)
@@ -279,64 +259,20 @@ def rmsprop_step(
         mutated = params + square_avgs + grad_avgs + momentum_buffers
         saved = torch._foreach_mul(mutated, 1)
 
-    if grad_scale is not None:
-        grads = torch._foreach_mul(grads, grad_scale.reciprocal())
-    if _is_tensor(loss_scale) or loss_scale != 1:
-        grads = torch._foreach_div(grads, [loss_scale] * n if _is_tensor(loss_scale) else loss_scale)
-    if maximize:
-        grads = torch._foreach_neg(grads)
-    if _is_tensor(weight_decay) or weight_decay != 0:
-        if decoupled_weight_decay:
-            if corrected_weight_decay:  # timm: wd_scale = lr ** 2 / max_lr
-                shrink = 1 - lr**2 / max_lr * weight_decay
-            else:
-                shrink = 1 - lr * weight_decay if lr_scaled_decay else 1 - weight_decay
-            torch._foreach_mul_(params, shrink)
-        else:
-            grads = torch._foreach_add(grads, torch._foreach_mul(params, weight_decay))
-
-    # v <- alpha * v + ((1 - alpha) * g) * g
+    grads = _scaled_grads(grads, loss_scale, maximize)
+    grads = _decay(
+        params, grads, lr, weight_decay,
+        decoupled=decoupled_weight_decay, lr_scaled=lr_scaled_decay, corrected=corrected_weight_decay, max_lr=max_lr,
+    )
     one_minus_alpha = 1 - alpha
-    scaled_sq = torch._foreach_mul(grads, one_minus_alpha)
-    torch._foreach_mul_(scaled_sq, grads)
-    torch._foreach_mul_(square_avgs, alpha)
-    torch._foreach_add_(square_avgs, scaled_sq)
-
-    mean_sq = square_avgs
-    if bias_correction:
-        # 1 - alpha^t in the params' precision (at least fp32): an integer step tensor
-        # would otherwise be raised in the default dtype.
-        corr_dtype = torch.promote_types(params[0].dtype, torch.float32)
-        steps = [t.to(corr_dtype) if _is_tensor(t) else t for t in steps]
-        corrections = [1 - alpha**t for t in steps]
-        mean_sq = torch._foreach_div(square_avgs, corrections)
-    if centered:
-        # g_avg <- g_avg + (1 - alpha) * (g - g_avg): torch's lerp for weights below 0.5
-        delta = torch._foreach_sub(grads, grad_avgs)
-        torch._foreach_mul_(delta, one_minus_alpha)
-        torch._foreach_add_(grad_avgs, delta)
-        mean_g = torch._foreach_div(grad_avgs, corrections) if bias_correction else grad_avgs
-        denom = torch._foreach_sub(mean_sq, torch._foreach_mul(mean_g, mean_g))
-    else:
-        denom = mean_sq
-    if eps_in_sqrt:
-        denom = torch._foreach_add(denom, [eps] * n) if _is_tensor(eps) else torch._foreach_add(denom, eps)
-        denom = torch._foreach_sqrt(denom)
-    else:
-        denom = torch._foreach_sqrt(denom)
-        _add_scalar_(denom, eps)
-
+    _second_moment(square_avgs, grads, alpha, one_minus_alpha, op_order)
+    corrections = _bias_corrections(alpha, steps, params[0].dtype) if bias_correction else None
+    denom = _denominator(square_avgs, grad_avgs, grads, alpha, one_minus_alpha, corrections, eps,
+                         centered=centered, eps_in_sqrt=eps_in_sqrt, op_order=op_order)
     neg_lr = -lr
-    if momentum_buffers:
-        update = torch._foreach_div(grads, denom)  # u = g / d
-        if lr_in_momentum:
-            torch._foreach_mul_(update, lr)  # u <- lr * u
-        # b <- mu * b + u
-        torch._foreach_mul_(momentum_buffers, momentum)
-        torch._foreach_add_(momentum_buffers, update)
-        step = momentum_buffers
-        if nesterov:
-            step = torch._foreach_add(update, torch._foreach_mul(momentum_buffers, momentum))
+    if has_momentum:
+        step = _momentum(momentum_buffers, grads, denom, lr, momentum, lr_in_momentum=lr_in_momentum,
+                         nesterov=nesterov, op_order=op_order)
         if caution:
             step = _cautious(step, grads, segment_ids, segment_sizes)
         if lr_in_momentum:
@@ -350,6 +286,186 @@ def rmsprop_step(
         torch._foreach_add_(params, update)
 
     if found_inf is not None:
-        skip = found_inf.to(torch.bool)
-        for t, old in zip(mutated, saved):
-            t.copy_(torch.where(skip, old, t))
+        _keep_where_skipped(found_inf, mutated, saved)
+
+
+# -- the stages of rmsprop_step, in order -------------------------------------------------
+
+
+def _check_lengths(n, grads, square_avgs, grad_avgs, momentum_buffers, centered: bool) -> None:
+    if len(grads) != n or len(square_avgs) != n:
+        raise ValueError(
+            f"rmsprop_step: params, grads and square_avgs must have the same length; got "
+            f"{n}, {len(grads)} and {len(square_avgs)}"
+        )
+    if centered and len(grad_avgs) != n:
+        raise ValueError(f"rmsprop_step: centered=True needs {n} grad_avgs, got {len(grad_avgs)}")
+    if len(momentum_buffers) > 0 and len(momentum_buffers) != n:
+        raise ValueError(
+            f"rmsprop_step: expected {n} momentum_buffers (or none), got {len(momentum_buffers)}"
+        )
+
+
+def _check_segments(n: int, segment_ids, segment_sizes) -> None:
+    if (segment_ids is None) != (segment_sizes is None):
+        raise ValueError("rmsprop_step: give both segment_ids and segment_sizes, or neither")
+    if segment_ids is not None and (len(segment_ids) != n or len(segment_sizes) != n):
+        raise ValueError(
+            f"rmsprop_step: expected {n} segment_ids and segment_sizes, got "
+            f"{len(segment_ids)} and {len(segment_sizes)}"
+        )
+
+
+def _step_counts(n: int, state_steps: Sequence[Scalar] | None) -> list[Scalar]:
+    """One step count per param for bias correction (a single one is repeated)."""
+    steps = [] if state_steps is None else list(state_steps)
+    if len(steps) not in (1, n):
+        raise ValueError(
+            f"rmsprop_step: bias_correction=True needs state_steps (1 or {n} step counts), got {len(steps)}"
+        )
+    return steps * n if len(steps) == 1 else steps
+
+
+def _scaled_grads(grads: list[Tensor], loss_scale: Scalar, maximize: bool) -> list[Tensor]:
+    """:math:`g / s`, negated with ``maximize`` (new tensors; the inputs stay as they are)."""
+    if _is_tensor(loss_scale) or loss_scale != 1:
+        grads = torch._foreach_div(grads, [loss_scale] * len(grads) if _is_tensor(loss_scale) else loss_scale)
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    return grads
+
+
+def _decay(
+    params: list[Tensor],
+    grads: list[Tensor],
+    lr: Scalar,
+    weight_decay: Scalar,
+    *,
+    decoupled: bool,
+    lr_scaled: bool,
+    corrected: bool,
+    max_lr: Scalar | None,
+) -> list[Tensor]:
+    r"""Weight decay: :math:`g + \lambda\theta` (the new grads are returned), or,
+    decoupled, the params shrunk in place by :math:`1 - \gamma\lambda`,
+    :math:`1 - \lambda` (not lr-scaled) or :math:`1 - (\gamma^2/\gamma_{\max})\lambda`
+    (corrected). Nothing when ``weight_decay`` is the number 0."""
+    if not (_is_tensor(weight_decay) or weight_decay != 0):
+        return grads
+    if not decoupled:
+        return torch._foreach_add(grads, torch._foreach_mul(params, weight_decay))
+    if corrected:  # timm: wd_scale = lr ** 2 / max_lr
+        shrink = 1 - lr**2 / max_lr * weight_decay
+    else:
+        shrink = 1 - lr * weight_decay if lr_scaled else 1 - weight_decay
+    torch._foreach_mul_(params, shrink)
+    return grads
+
+
+def _second_moment(
+    square_avgs: list[Tensor], grads: list[Tensor], alpha: Scalar, one_minus_alpha: Scalar, op_order: str
+) -> None:
+    r""":math:`v \leftarrow \alpha v + (1 - \alpha) g^2`, in place, in ``op_order``'s order."""
+    if op_order == "tf":  # v <- v + (1 - alpha) * (g * g - v)
+        diff = torch._foreach_mul(grads, grads)
+        torch._foreach_sub_(diff, square_avgs)
+        torch._foreach_mul_(diff, one_minus_alpha)
+        torch._foreach_add_(square_avgs, diff)
+        return
+    if op_order == "optax":  # v <- (1 - alpha) * (g * g) + alpha * v
+        scaled_sq = torch._foreach_mul(grads, grads)
+        torch._foreach_mul_(scaled_sq, one_minus_alpha)
+    else:  # torch's addcmul: v <- alpha * v + ((1 - alpha) * g) * g
+        scaled_sq = torch._foreach_mul(grads, one_minus_alpha)
+        torch._foreach_mul_(scaled_sq, grads)
+    torch._foreach_mul_(square_avgs, alpha)
+    torch._foreach_add_(square_avgs, scaled_sq)
+
+
+def _bias_corrections(alpha: Scalar, steps: list[Scalar], dtype: torch.dtype) -> list[Scalar]:
+    r""":math:`1 - \alpha^t` per param, in the params' precision (at least fp32): an
+    integer step tensor would otherwise be raised in the default dtype."""
+    corr_dtype = torch.promote_types(dtype, torch.float32)
+    steps = [t.to(corr_dtype) if _is_tensor(t) else t for t in steps]
+    return [1 - alpha**t for t in steps]
+
+
+def _first_moment(
+    grad_avgs: list[Tensor], grads: list[Tensor], alpha: Scalar, one_minus_alpha: Scalar, op_order: str
+) -> None:
+    r""":math:`\bar g \leftarrow \alpha \bar g + (1 - \alpha) g`, in place, in ``op_order``'s order."""
+    if op_order == "optax":  # g_avg <- (1 - alpha) * g + alpha * g_avg
+        torch._foreach_mul_(grad_avgs, alpha)
+        torch._foreach_add_(grad_avgs, torch._foreach_mul(grads, one_minus_alpha))
+        return
+    # torch's lerp for weights below 0.5, and TensorFlow's: g_avg <- g_avg + (1 - alpha) * (g - g_avg)
+    delta = torch._foreach_sub(grads, grad_avgs)
+    torch._foreach_mul_(delta, one_minus_alpha)
+    torch._foreach_add_(grad_avgs, delta)
+
+
+def _denominator(
+    square_avgs: list[Tensor],
+    grad_avgs: list[Tensor],
+    grads: list[Tensor],
+    alpha: Scalar,
+    one_minus_alpha: Scalar,
+    corrections: list[Scalar] | None,
+    eps: Scalar,
+    *,
+    centered: bool,
+    eps_in_sqrt: bool,
+    op_order: str,
+) -> list[Tensor]:
+    r""":math:`d`: the root of the (bias-corrected) mean square, less the squared mean
+    gradient when centered (which first updates the mean gradient in place), with
+    :math:`\epsilon` added outside or inside the root."""
+    mean_sq = square_avgs if corrections is None else torch._foreach_div(square_avgs, corrections)
+    if centered:
+        _first_moment(grad_avgs, grads, alpha, one_minus_alpha, op_order)
+        mean_g = grad_avgs if corrections is None else torch._foreach_div(grad_avgs, corrections)
+        denom = torch._foreach_sub(mean_sq, torch._foreach_mul(mean_g, mean_g))
+    else:
+        denom = mean_sq
+    if eps_in_sqrt:
+        denom = torch._foreach_add(denom, [eps] * len(denom)) if _is_tensor(eps) else torch._foreach_add(denom, eps)
+        return torch._foreach_sqrt(denom)
+    denom = torch._foreach_sqrt(denom)
+    _add_scalar_(denom, eps)
+    return denom
+
+
+def _momentum(
+    momentum_buffers: list[Tensor],
+    grads: list[Tensor],
+    denom: list[Tensor],
+    lr: Scalar,
+    momentum: Scalar,
+    *,
+    lr_in_momentum: bool,
+    nesterov: bool,
+    op_order: str,
+) -> list[Tensor]:
+    r""":math:`b \leftarrow \mu b + u` in place, with :math:`u = g / d` (times
+    :math:`\gamma` with lr in momentum); returns the step to apply: :math:`b`, or
+    :math:`u + \mu b` with Nesterov."""
+    if lr_in_momentum and op_order == "tf":  # u = (lr * g) / d, TensorFlow's order
+        update = torch._foreach_mul(grads, lr)
+        torch._foreach_div_(update, denom)
+    else:
+        update = torch._foreach_div(grads, denom)  # u = g / d
+        if lr_in_momentum:
+            torch._foreach_mul_(update, lr)  # u <- lr * u
+    torch._foreach_mul_(momentum_buffers, momentum)
+    torch._foreach_add_(momentum_buffers, update)
+    if nesterov:
+        return torch._foreach_add(update, torch._foreach_mul(momentum_buffers, momentum))
+    return momentum_buffers
+
+
+def _keep_where_skipped(found_inf: Tensor, mutated: list[Tensor], saved: list[Tensor]) -> None:
+    """AMP's skip: where ``found_inf`` is nonzero every mutated tensor gets its saved
+    value back (no host synchronisation)."""
+    skip = found_inf.to(torch.bool)
+    for t, old in zip(mutated, saved):
+        t.copy_(torch.where(skip, old, t))

@@ -17,25 +17,24 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _get_scalar_dtype
 
+from ._amp import adopt_legacy, amp_of, forget_legacy
 from ._bucket_step import BACKENDS
+from ._checkpoint import check_state_dict
 from ._dump import resolve_dump_dir
-from ._engine import Amp, StepEngine
-from ._in_compile import init_group, register, traced_step, traced_zero_grad
+from ._engine import StepEngine
+from ._fusion_api import TensorFusionAPI, _point_grads_at_slots
+from ._mindspore import mindspore_arguments
+from ._in_compile import eager_step, init_group, register, traced_step, traced_zero_grad
 from ._npu import npu_status, require_torchair
-from ._ownership import is_foreign
 from ._state import track
 from ._torchair_backend import MODES as NPU_MODES
 from ._validation import check_choice
-from .options import STATE_ROLES, RMSpropOptions
+from .options import TORCH_FIXED, RMSpropOptions
 
 __all__ = ["NpuFusedRMSprop"]
 
-#: torch.optim.RMSprop's group keys that this optimizer keeps fixed (its state_dicts
-#: carry them, so ours do too).
-_TORCH_FIXED = dict(capturable=False, foreach=None, differentiable=False)
 
-
-class NpuFusedRMSprop(Optimizer):
+class NpuFusedRMSprop(TensorFusionAPI, Optimizer):
     r"""RMSprop with the whole step fused and compiled: a drop-in for
     ``torch.optim.RMSprop`` and ``torch_npu.optim.NpuFusedRMSprop``.
 
@@ -58,17 +57,18 @@ class NpuFusedRMSprop(Optimizer):
     exactly as ``torch.optim.RMSprop`` (``maximize`` negates :math:`g` first). The math
     is :func:`~npu_optim_compile.rmsprop_step`.
 
-    How it is fast: the parameters of each (param group, device, dtype) are gathered
-    into one flat buffer, and so is each state buffer; ``p`` and ``optimizer.state[p]``
-    become views of those buffers. The update of a whole bucket is one compiled kernel.
-    Grads stay the user's: ``step()`` never replaces or writes a ``.grad`` (except to
-    unscale it under a GradScaler, as torch does); it copies the grads autograd
-    allocated into a flat grad buffer with one C-level call per bucket.
-    ``zero_grad(set_to_none=False)`` points each grad at its slot of that buffer, so
-    backward accumulates straight into it and the copy is skipped. Anything that moved
-    (``p.data = ...``, ``model.to()``, a state tensor's ``.data`` or ``set_``, a param
-    whose first grad arrives late, a ``load_state_dict``) is detected and gathered
-    again, never silently dropped.
+    How it is fast, with params that stay yours: the parameters of each (param group,
+    device, dtype) are one *bucket*, updated by one call of one compiled kernel. On the
+    CPU that kernel (inductor's, compiled once per structure from ``rmsprop_step`` on
+    flat buffers) runs over every param, grad and state tensor where it lives, from one
+    array of data pointers (``_segments.py``): params, grads and ``optimizer.state`` are
+    the tensors torch.optim.RMSprop would have, at the addresses it would have them, so
+    checkpoint tools, shared memory, ties and aliases you hold behave as with torch.
+    ``step()`` never replaces or writes a ``.grad`` (except to unscale it under a
+    GradScaler, as torch does). Anything that moved (``p.data = ...``, ``model.to()``, a
+    state tensor replaced, a param whose first grad arrives late, a ``load_state_dict``)
+    is read where it now is. On other devices the same compiled step runs on staging
+    copies of a bucket (``_executors.py``).
 
     Args:
         params: parameters or param groups, as for any ``torch.optim.Optimizer``.
@@ -81,13 +81,23 @@ class NpuFusedRMSprop(Optimizer):
         maximize: maximise the objective instead of minimising it.
         backend: ``"auto"`` (inductor on CPU/CUDA, torchair on an Ascend NPU),
             ``"inductor"``, ``"torchair"`` or ``"eager"`` (no compilation: the functional
-            step on the flat buffers, for debugging).
+            step on staging copies of each bucket, for debugging).
         npu_mode: torchair's mode: ``"max-autotune"`` (default: a GE graph, fused and
             memory-planned by CANN), ``"npugraph_ex"`` or ``"reduce-overhead"`` (ACL-graph
             capture and replay of eager NPU kernels; all step inputs are marked static,
             so a replay copies nothing).
         dump_dir: write each compiled graph's files there (see ``_dump.py``; also the
             environment variable ``NPU_OPTIM_COMPILE_DUMP_DIR``).
+        combine_params: torch_npu's tensor fusion, as an explicit choice: params (and
+            their state) are moved into one flat buffer per group, device and dtype at
+            their first step with a grad, which ``get_combined_params`` /
+            ``get_combined_grads`` return; on an accelerator the compiled step then runs
+            on those buffers with no staging copy. What it costs: ``p`` becomes a view
+            of an optimizer-owned buffer (aliases taken before the first step stop
+            following it; params someone else holds, shared-memory params and params
+            another optimizer combined are left as they are, ``_combined.py``), and
+            ``get_combined_grads`` / ``zero_grad(set_to_none=False)`` keep a flat grad
+            buffer (4 bytes per fp32 param). Default False.
 
     Variants (keyword-only; the defaults keep torch.optim.RMSprop's exact update, and
     every combination keeps one fused kernel per bucket; formulas in
@@ -129,11 +139,11 @@ class NpuFusedRMSprop(Optimizer):
     no ``.item()`` synchronisation.
 
     Distributed: under ``DistributedDataParallel``, ``ZeroRedundancyOptimizer(
-    optimizer_class=NpuFusedRMSprop)`` and FSDP2 (``fully_shard``), storage the engine
-    lays out is never re-pointed (``_ownership.py``): params in ZeRO's buckets and DTensor
-    params are updated in place per tensor (DTensors through their local shards, with
-    DTensor state, as torch.optim.RMSprop keeps it), and grads in DDP's buckets
-    (``gradient_as_bucket_view=True``) are copied into the flat grad buffer.
+    optimizer_class=NpuFusedRMSprop)`` and FSDP2 (``fully_shard``), storage other
+    engines lay out is updated in place and read where it is: params in ZeRO's buckets
+    and grads in DDP's (``gradient_as_bucket_view=True``) take part in the fused call;
+    DTensor params are updated per tensor through their local shards, with DTensor
+    state, as torch.optim.RMSprop keeps it.
 
     Inside a user's ``torch.compile`` (a whole train step; see
     :func:`~npu_optim_compile.compile_train_step`), ``step()`` is one custom op that
@@ -165,6 +175,7 @@ class NpuFusedRMSprop(Optimizer):
         backend: str = "auto",
         npu_mode: str = "max-autotune",
         dump_dir: str | os.PathLike[str] | None = None,
+        combine_params: bool = False,
         **options: Any,
     ) -> None:
         RMSpropOptions.check_keywords(options, type(self).__name__)
@@ -180,22 +191,30 @@ class NpuFusedRMSprop(Optimizer):
             status = npu_status()
             if not status.available:
                 raise RuntimeError(f"{type(self).__name__}(backend='torchair') needs an Ascend NPU: {status.reason}")
+        if not isinstance(combine_params, bool):
+            raise TypeError(f"combine_params must be True or False, got {combine_params!r}")
         self.backend = backend
         self.npu_mode = npu_mode
         self.dump_dir = resolve_dump_dir(dump_dir)
-        self._engine = StepEngine(backend, npu_mode, self.dump_dir, self._group_aliases)
+        self.combine_params = combine_params
+        defaults = {**chosen.group_entries(), **TORCH_FIXED}
+        self._engine = self._new_engine(defaults)
         self._handle = register(self)
-        defaults = {**chosen.group_entries(), **_TORCH_FIXED}
         super().__init__(params, defaults)
         self.state = track(self.state)
+
+    def _new_engine(self, defaults: dict[str, Any]) -> StepEngine:
+        return StepEngine(
+            self.backend, self.npu_mode, self.dump_dir, self._group_aliases, required=defaults,
+            combine=self.combine_params,
+        )
 
     @classmethod
     def from_mindspore(cls, params: ParamsT, *args: Any, **kwargs: Any) -> NpuFusedRMSprop:
         """``mindspore.nn.RMSProp``'s update with its argument names and defaults: see
-        :func:`npu_optim_compile.presets.from_mindspore`."""
-        from .presets import from_mindspore  # presets builds on this module
-
-        return from_mindspore(params, *args, optimizer_class=cls, **kwargs)
+        :func:`npu_optim_compile._mindspore.mindspore_arguments`."""
+        params, options = mindspore_arguments(params, *args, **kwargs)
+        return cls(params, **options)
 
     # -- torch.optim.Optimizer API -------------------------------------------------
 
@@ -216,11 +235,14 @@ class NpuFusedRMSprop(Optimizer):
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("npu_mode", "max-autotune")
         self.__dict__.setdefault("dump_dir", "")
+        self.__dict__.setdefault("combine_params", False)
         if "_engine" not in self.__dict__:
-            self._engine = StepEngine(self.backend, self.npu_mode, self.dump_dir, self._group_aliases)
+            self._engine = self._new_engine(self.defaults)
             self._handle = register(self)
         self.state = track(self.state)
         self._engine.mark_stale()
+        if self._engine.combiner is not None:  # loaded state goes back into the chunks
+            self._engine.combiner.adopt(self.state)
         for value in self.state.values():  # old checkpoints: a float step, as torch upgrades
             if isinstance(value, Mapping) and "step" in value and not torch.is_tensor(value["step"]):
                 value["step"] = torch.tensor(float(value["step"]), dtype=_get_scalar_dtype())
@@ -233,7 +255,9 @@ class NpuFusedRMSprop(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.update(backend=self.backend, npu_mode=self.npu_mode, dump_dir=self.dump_dir)
+        state.update(
+            backend=self.backend, npu_mode=self.npu_mode, dump_dir=self.dump_dir, combine_params=self.combine_params
+        )
         return state
 
     def state_dict(self) -> dict[str, Any]:
@@ -276,115 +300,52 @@ class NpuFusedRMSprop(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if grad_scaler is not None:
-            self._adopt_legacy_scaler(grad_scaler)
+            adopt_legacy(self, grad_scaler)
         try:
             if torch.compiler.is_compiling():  # inside a user's torch.compile: _in_compile.py
                 traced_step(self)
-            else:
-                self._engine.step(self.param_groups, self.state, self._amp())
+            else:  # (Dynamo-disabled: a frame Dynamo skipped must not trace the engine)
+                eager_step(self)
         finally:
             if grad_scaler is not None:
-                self.__dict__.pop("found_inf", None)
-                self.__dict__.pop("grad_scale", None)
+                forget_legacy(self)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """torch's ``zero_grad``. With ``set_to_none=False`` each grad of a param in a
-        flat bucket is pointed at its slot of the flat grad buffer, zeroed (the tensor
-        it replaces is zeroed too): backward then accumulates straight into the
-        buffer, and the next step copies nothing."""
+        """torch's ``zero_grad``. With ``combine_params=True`` and ``set_to_none=False``,
+        each grad of a combined param is pointed at its slot of the chunk's flat grad
+        buffer, zeroed (the tensor it replaces is zeroed too, as torch would): backward
+        then accumulates straight into the buffer that ``get_combined_grads`` returns."""
         # Dynamo skips torch.optim.Optimizer.zero_grad (a graph break in a compiled train
         # step); inside torch.compile run a traceable equivalent instead.
         if torch.compiler.is_compiling():
             traced_zero_grad(self, set_to_none)
-        elif set_to_none:
-            super().zero_grad(True)
-        else:
-            with torch.no_grad():
-                for g in self._engine.zero_grad_into_buffers(self.param_groups):
-                    if g.grad_fn is not None:
-                        g.detach_()
-                    else:
-                        g.requires_grad_(False)
-                    g.zero_()
-
-    def _amp(self) -> Amp:
-        return Amp(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
-
-    def _adopt_legacy_scaler(self, scaler) -> None:
-        """The legacy contract, done as the current one: the scaler checks the grads for
-        inf/NaN (which records what ``scaler.update()`` reads), and the step unscales
-        them in place and skips on inf. fp16 grads are fine here (``unscale_`` refuses
-        them for non-fused optimizers)."""
-        state = scaler._per_optimizer_states[id(self)]
-        if state["stage"].name == "READY":
-            check = getattr(scaler, "_check_inf_per_device", None)
-            if check is not None:
-                check(self)
-                self.grad_scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else scaler._scale
-            else:  # a scaler without the check: let it unscale the grads itself
-                scaler.unscale_(self)
-        found = list(state["found_inf_per_device"].values())
-        self.found_inf = sum(t.to(found[0].device, non_blocking=True) for t in found[1:]) + found[0]
-
-    # -- torch_npu's tensor-fusion API ----------------------------------------------
-
-    def _prepared(self) -> list[tuple[Any, tuple, tuple]]:
-        out = []
-        for index, group in enumerate(self.param_groups):
-            prepared = self._engine.prepare(index, group, self._engine.options(index, group), self.state)
-            if prepared is not None:
-                out.append(prepared)
-        return out
+            return
+        combiner = self._engine.combiner
+        if set_to_none or combiner is None:
+            super().zero_grad(set_to_none)
+            return
+        with torch.no_grad():
+            for chunk in combiner.chunks:
+                if chunk.in_place():
+                    chunk.grad.zero_()
+                    for g in _point_grads_at_slots(chunk, copy=False):
+                        _zero_as_torch(g)
+            super().zero_grad(False)  # the rest, and the slots (already zero)
 
     def describe_buckets(self) -> list[dict[str, Any]]:
-        """One entry per bucket of the last step: group, device, dtype, tensors, elements."""
+        """One entry per bucket of the last step: group, device, dtype, tensors,
+        elements, state roles, kind (how it runs) and the compiled graph's name."""
         return self._engine.describe()
 
-    def get_combined_params(self) -> list[Tensor]:
-        """The flat param buffers, one per (param group, device, dtype) bucket, of the
-        params that have a grad now (torch_npu's ``get_combined_params``; torch_npu
-        combines per dtype across groups). Each such param is a view of one of them, except
-        params on the per-tensor path (memory owned elsewhere, non-dense, zero-size).
-        Within a buffer, contiguous params of one shape lie next to each other (their
-        grads are gathered with one ``torch.stack``), so the order is not the group's."""
-        return [b.param for layout, _, _ in self._prepared() for b in layout.buckets]
 
-    def get_combined_grads(self) -> list[Tensor]:
-        """The flat grad buffers, bucket by bucket (torch_npu's ``get_combined_grads``).
-        Each ``p.grad`` is pointed at its slot of them first (as
-        ``zero_grad(set_to_none=False)`` does), so writing into them writes the grads."""
-        return self._combined_grads(self._prepared())
-
-    @staticmethod
-    def _combined_grads(prepared: list[tuple[Any, tuple, tuple]]) -> list[Tensor]:
-        out = []
-        for layout, grads, ptrs in prepared:
-            for bucket in layout.buckets:
-                bucket.load_grads(bucket.take_grads(grads), bucket.take_grads(ptrs))
-                for p, slot in zip(bucket.params, bucket.slots):
-                    if p.grad.data_ptr() != slot.data_ptr() and not is_foreign(p.grad):
-                        p.grad = bucket.slot_view(slot)
-                out.append(bucket.grad)
-        return out
-
-    @torch.no_grad()
-    def clip_grad_norm_fused_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
-        """Clip the grads of all groups to a total norm of ``max_norm``, in place:
-        ``torch.nn.utils.clip_grad_norm_``'s result with one norm and one scale per
-        bucket (on the flat grad buffers, see :meth:`get_combined_grads`). Returns the
-        total norm before clipping."""
-        prepared = self._prepared()
-        grads = self._combined_grads(prepared) + [p.grad for layout, _, _ in prepared for p in layout.loose]
-        if not grads:
-            return torch.tensor(0.0)
-        norm_type = float(norm_type)
-        norms = [torch.linalg.vector_norm(g, norm_type) for g in grads]
-        device = norms[0].device
-        total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        torch._foreach_mul_(grads, coef)
-        return total
+def _zero_as_torch(g: Tensor) -> None:
+    """What ``Optimizer.zero_grad(set_to_none=False)`` does to one grad."""
+    if g.grad_fn is not None:
+        g.detach_()
+    else:
+        g.requires_grad_(False)
+    g.zero_()
 
 
 def _signature() -> inspect.Signature:
@@ -401,36 +362,3 @@ def _signature() -> inspect.Signature:
 
 
 NpuFusedRMSprop.__init__.__signature__ = _signature()
-
-
-def check_state_dict(opt: NpuFusedRMSprop, state_dict: Mapping[str, Any]) -> None:
-    """``ValueError`` when ``state_dict`` is not an RMSprop state for ``opt``'s params:
-    each per-parameter entry must hold ``step`` and the buffers its group's options
-    keep, each of its param's shape. (Extra keys are kept, as torch keeps them.)"""
-    saved_groups = state_dict.get("param_groups", [])
-    saved_state = state_dict.get("state", {})
-    if len(saved_groups) != len(opt.param_groups):
-        return  # torch's own check reports this one
-    for index, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):
-        merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
-        roles = RMSpropOptions.from_group(merged, opt._group_aliases).roles
-        for position, (p, key) in enumerate(zip(group["params"], saved.get("params", []))):
-            entry = saved_state.get(key)
-            if entry is None:
-                continue
-            where = f"param group {index}, parameter {position} (state key {key!r})"
-            if not isinstance(entry, Mapping):
-                raise ValueError(f"state_dict: the state of {where} is a {type(entry).__name__}, not a dict")
-            missing = [k for k in ("step", *roles) if k not in entry]
-            if missing:
-                raise ValueError(
-                    f"state_dict: the state of {where} has no {', '.join(map(repr, missing))} "
-                    f"(it holds {sorted(entry)}): not an RMSprop state for these options"
-                )
-            for role in STATE_ROLES:
-                value = entry.get(role)
-                if isinstance(value, Tensor) and value.shape != p.shape:
-                    raise ValueError(
-                        f"state_dict: {role!r} of {where} has shape {tuple(value.shape)}, "
-                        f"the parameter {tuple(p.shape)}"
-                    )

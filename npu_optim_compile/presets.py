@@ -17,8 +17,9 @@ from typing import Any
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from .functional import Scalar
+from ._mindspore import mindspore_arguments
 from .optimizer import NpuFusedRMSprop
+from .options import Scalar
 from .pure import PureRMSprop, PyTree, RMSpropState, rmsprop_init, rmsprop_update
 
 __all__ = ["NpuFusedRMSpropTF", "from_mindspore", "optax_rmsprop"]
@@ -40,6 +41,10 @@ class NpuFusedRMSpropTF(NpuFusedRMSprop):
         \theta &\leftarrow \theta - \gamma\, g / d \qquad (\mu = 0)
         \end{aligned}
 
+    The mean square is updated in TensorFlow's order, :math:`v \leftarrow v + (1 -
+    \alpha)(g^2 - v)`, and lr in the momentum as :math:`(\gamma g) / d`, as torch_npu
+    does (``op_order="tf"``), so fp32 rounds as there.
+
     Weight decay is coupled (:math:`g \leftarrow g + \lambda\theta`), or with
     ``decoupled_decay=True`` torch_npu's :math:`\theta \leftarrow \theta - \lambda\theta`:
     note **no lr factor**, unlike timm's ``RMSpropTF`` (:math:`\theta(1 - \gamma\lambda)`,
@@ -55,7 +60,8 @@ class NpuFusedRMSpropTF(NpuFusedRMSprop):
     _group_aliases = {"decoupled_decay": "decoupled_weight_decay"}
 
     #: What TensorFlow semantics fix (use NpuFusedRMSprop to choose them freely).
-    _FIXED = ("eps_in_sqrt", "initial_square_avg", "decoupled_weight_decay", "lr_scaled_decay", "lr_in_momentum")
+    _FIXED = ("eps_in_sqrt", "initial_square_avg", "decoupled_weight_decay", "lr_scaled_decay", "lr_in_momentum",
+              "op_order")
 
     def __init__(
         self,
@@ -89,114 +95,21 @@ class NpuFusedRMSpropTF(NpuFusedRMSprop):
             lr_in_momentum=lr_in_momentum,
             decoupled_weight_decay=decoupled_decay,
             lr_scaled_decay=False,  # torch_npu: p <- p - wd * p
+            op_order="tf",  # torch_npu: square_avg.add_(1 - alpha, grad.pow(2) - square_avg), addcdiv_(lr, g, avg)
             **options,
         )
 
 
 def from_mindspore(
-    params: ParamsT,
-    learning_rate: float = 0.1,
-    decay: float = 0.9,
-    momentum: float = 0.0,
-    epsilon: float = 1e-10,
-    use_locking: bool = False,
-    centered: bool = False,
-    loss_scale: float = 1.0,
-    weight_decay: float = 0.0,
-    optimizer_class: type[NpuFusedRMSprop] = NpuFusedRMSprop,
-    **options: Any,
+    params: ParamsT, *args: Any, optimizer_class: type[NpuFusedRMSprop] = NpuFusedRMSprop, **kwargs: Any
 ) -> NpuFusedRMSprop:
-    r"""``mindspore.nn.RMSProp``'s update, with its argument names and defaults.
-
-    What MindSpore 2.10.0 does (``mindspore/nn/optim/rmsprop.py`` ``RMSProp.construct``,
-    lines 244-270, and ``mindspore/nn/optim/optimizer.py``), with :math:`\hat g` the
-    gradient it receives, still multiplied by the loss scale :math:`s`:
-
-    .. math::
-
-        \begin{aligned}
-        \hat g &\leftarrow \hat g + (\lambda s)\,\theta
-            && \text{decay\_weight: the stored decay is } \lambda s \\
-        g &\leftarrow \hat g \cdot (1/s) = \hat g / s + \lambda\theta
-            && \text{scale\_grad} \\
-        v &\leftarrow v + (g^2 - v)(1 - \rho), \quad v_0 = 1 \\
-        m &\leftarrow \beta m + \eta\, g / \sqrt{v + \epsilon}
-            \ \ (\text{centered: } \bar g \leftarrow \bar g + (g - \bar g)(1 - \rho),
-            \sqrt{v - \bar g^2 + \epsilon}), \qquad \theta \leftarrow \theta - m
-        \end{aligned}
-
-    with :math:`\eta` = ``learning_rate``, :math:`\rho` = ``decay``, :math:`\beta` =
-    ``momentum``, :math:`\lambda` = ``weight_decay``. Sources:
-    ``_preprocess_weight_decay`` stores ``weight_decay * loss_scale`` (optimizer.py
-    line 496) for the optimizer's decay (238) and for each group's (626-629);
-    ``decay_weight`` / ``_tensor_apply_decay`` add ``weight * decay`` to the still-scaled
-    gradient (397-418, 862-867); ``scale_grad`` / ``_grad_scale`` then multiply by
-    ``1 / loss_scale`` (282-283, 439-456, 915-918); ``ApplyRMSProp`` /
-    ``ApplyCenteredRMSProp`` is the kernel (``rmsprop_cpu_kernel.cc``). So the decay
-    acting on the unscaled gradient is :math:`\lambda` itself, which is
-    ``NpuFusedRMSprop(weight_decay=weight_decay, loss_scale=loss_scale)`` (the loss
-    scale divides first, then :math:`\lambda\theta` is added).
-
-    Which params decay (optimizer.py lines 251-273):
-
-    - ungrouped params: those whose name contains neither ``beta`` nor ``gamma``. Pass
-      named parameters (``model.named_parameters()``) to get this filter; plain tensors
-      have no names, and every one of them is decayed.
-    - param groups (dicts): each group decays with its own ``'weight_decay'`` or, if it
-      has none, ``weight_decay``, applied to *every* param of the group (no name
-      filter; a group of named parameters is not filtered either). Group keys
-      ``'params'``, ``'lr'`` and ``'weight_decay'`` are PyTorch's names too and pass
-      through; ``'grad_centralization': False`` is accepted, ``True`` raises (no
-      equivalent here); an ``{'order_params': ...}`` dict only orders MindSpore's update
-      and is dropped. Other keys pass through as ``NpuFusedRMSprop`` group options.
-
-    MindSpore keeps :math:`\lambda s` and :math:`1/s` as float32 tensors; here they
-    are not rounded. ``use_locking`` has no meaning in PyTorch and is ignored. Keyword
-    options of :class:`NpuFusedRMSprop` (``backend``, ...) pass through.
-    """
-    del use_locking
-    if not epsilon > 0:
-        raise ValueError(f"Invalid epsilon value: {epsilon} (MindSpore's RMSProp needs epsilon > 0)")
-    if not loss_scale > 0:
-        raise ValueError(f"Invalid loss_scale value: {loss_scale} (must be > 0)")
-    params = list(params)
-    if params and all(isinstance(p, dict) for p in params):
-        groups = []
-        for group in params:
-            if "order_params" in group:
-                if len(group) > 1:
-                    raise ValueError(
-                        "the order params dict in group parameters should only include the "
-                        f"'order_params' key (as in MindSpore), got {sorted(group)}"
-                    )
-                continue
-            group = dict(group)
-            if group.pop("grad_centralization", False):
-                raise ValueError(
-                    "MindSpore's 'grad_centralization' has no equivalent in NpuFusedRMSprop; "
-                    "drop it or set it to False"
-                )
-            groups.append(group)
-        params = groups
-    elif params and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in params):
-        exempt = ["beta" in name or "gamma" in name for name, _ in params]
-        no_decay = [p for p, skip in zip(params, exempt) if skip]
-        decay_params = [p for p, skip in zip(params, exempt) if not skip]
-        params = [g for g in ({"params": decay_params}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    return optimizer_class(
-        params,
-        lr=learning_rate,
-        alpha=decay,
-        eps=epsilon,
-        weight_decay=weight_decay,
-        momentum=momentum,
-        centered=centered,
-        eps_in_sqrt=True,
-        initial_square_avg=1.0,
-        lr_in_momentum=True,
-        loss_scale=loss_scale,
-        **options,
-    )
+    """``mindspore.nn.RMSProp``'s update, with its argument names and defaults
+    (``learning_rate=0.1, decay=0.9, momentum=0.0, epsilon=1e-10, use_locking=False,
+    centered=False, loss_scale=1.0, weight_decay=0.0``): what MindSpore 2.10.0 does, and
+    which params decay, is in :func:`npu_optim_compile._mindspore.mindspore_arguments`.
+    Keyword options of ``optimizer_class`` (``backend``, ...) pass through."""
+    params, options = mindspore_arguments(params, *args, **kwargs)
+    return optimizer_class(params, **options)
 
 
 def optax_rmsprop(
@@ -218,7 +131,11 @@ def optax_rmsprop(
 
         alpha=decay, eps=eps, initial_square_avg=initial_scale, eps_in_sqrt=eps_in_sqrt,
         centered=centered, momentum=momentum or 0, nesterov=nesterov,
-        bias_correction=bias_correction, lr_in_momentum=True
+        bias_correction=bias_correction, lr_in_momentum=True, op_order="optax"
+
+    (``op_order="optax"``: optax's moments, :math:`(1 - \rho) g^2 + \rho\nu`, so fp32
+    rounds as optax's source orders it; XLA may still fuse a multiply-add into one
+    FMA, and optax's ``g * rsqrt(...)`` is our ``g / sqrt(...)``.)
 
     Example::
 
@@ -237,7 +154,7 @@ def optax_rmsprop(
         return rmsprop_update(
             params, grads, state, lr=learning_rate, alpha=decay, eps=eps, momentum=mu,
             centered=centered, eps_in_sqrt=eps_in_sqrt, lr_in_momentum=True,
-            nesterov=nesterov, bias_correction=bias_correction,
+            nesterov=nesterov, bias_correction=bias_correction, op_order="optax",
         )
 
     return PureRMSprop(init, update)

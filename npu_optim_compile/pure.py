@@ -22,8 +22,8 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from ._validation import check_hyperparameters
-from .functional import Scalar, rmsprop_step
-from .options import RMSpropOptions
+from .functional import rmsprop_step
+from .options import RMSpropOptions, Scalar
 
 __all__ = ["PureRMSprop", "RMSpropState", "rmsprop_init", "rmsprop_update"]
 
@@ -74,7 +74,7 @@ def rmsprop_init(
     def like(fill: float) -> PyTree:
         return pytree.tree_unflatten([torch.full_like(p, fill) for p in leaves], spec)
 
-    use_momentum = isinstance(momentum, Tensor) or momentum > 0
+    use_momentum = RMSpropOptions.keeps_momentum(momentum)
     return RMSpropState(
         step=torch.zeros((), dtype=torch.int64, device=device),
         square_avg=like(initial_square_avg),
@@ -133,7 +133,7 @@ def rmsprop_update(
             "rmsprop_update: centered=True needs a state with grad_avg; "
             "create it with rmsprop_init(params, centered=True)"
         )
-    use_momentum = isinstance(momentum, Tensor) or momentum > 0
+    use_momentum = RMSpropOptions.keeps_momentum(momentum)
     if use_momentum and state.momentum_buffer is None:
         raise ValueError(
             "rmsprop_update: momentum needs a state with a momentum buffer; "

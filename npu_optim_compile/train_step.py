@@ -70,7 +70,7 @@ def compile_train_step(
     """
     fusion = _fusion_pass(backend) if fuse_foreach else None
     if backend == "torchair":
-        from ._torchair import make_torchair_backend  # lazy: never at package import
+        from ._torchair_backend import make_torchair_backend  # lazy: never at package import
 
         compiled = torch.compile(fn, backend=make_torchair_backend(post_grad_pass=fusion), **compile_kwargs)
     elif backend == "inductor" and fusion is not None:

@@ -48,7 +48,9 @@ prims = torch.ops.prims
 Target = Literal["torchair", "inductor"]
 TARGETS: tuple[str, ...] = ("torchair", "inductor")
 
-#: Every overload the pass may emit for torchair (all have GE converters, torchair.md §6).
+#: Every overload the pass may emit for torchair: each has a working GE converter in torch_npu
+#: 2.13.0's torchair (listed in ``ge_allowlist.json``, see ``ge_ops.py``; checked by
+#: ``tests/torchair/test_ge_allowlist.py``).
 EMITTED_OPS: frozenset[torch._ops.OpOverload] = frozenset(
     {
         aten.add.Tensor,

@@ -18,30 +18,14 @@ Unsupported foreach overloads are left alone (reason logged at DEBUG on the logg
 ``npu_optim_compile.passes``).  Emitted ops: :data:`EMITTED_OPS`.
 
 Why unrelated tensors are lowered per tensor rather than grouped (``cat`` -> op -> split):
-measured with real inductor on the 2-core development CPU (torch 2.13.0+cpu), one
-RMSprop step over 200 fp32 tensors of mixed shapes (3.71 M elements), cold caches, each
-variant in a fresh process: ``python tests/passes/bench_grouping.py VARIANT 200``.  The
-machine was shared (load average 2-5 on 2 cores): compile times vary by up to 2x between
-runs.  Runs 1 and 2 used both cores for kernels, run 3 ``OMP_NUM_THREADS=1``, which kept
-other users' load from stalling the parallel kernels (steadier step times).  Step: the
-minimum over 9 x 10 steps.
-
-=============================================  ======================  ==================
-variant                                        compile s (run 1/2/3)   step ms (run 1/2/3)
-=============================================  ======================  ==================
-unrelated tensors, per-tensor lowering (pass)   58 /  74 / 114          6.0 / 15.7 /  5.1
-unrelated tensors, stock foreach (no pass)      88 /  88 / 108         20.4 / 20.4 /  6.4
-unrelated tensors, cat -> op -> split          153 / 168 / 203         79.8 / 91.3 / 23.6
-split views of flat buffers, no pass           121 / 113 / 145         33.1 / 45.3 /  8.5
-split views of flat buffers, with the pass      22 /  20 /  23         11.2 / 11.2 /  2.3
-=============================================  ======================  ==================
-
-Grouping pays one ``cat`` per input list and one ``copy_`` per tensor back, and inductor
-compiles the 200-way ``cat`` and split slowly: it lost on both counts in every run, so this
-pass does not group unrelated tensors.  Per-tensor lowering compiled about as fast as
-inductor's own foreach lowering and stepped as fast or faster.  (On CUDA inductor turns
-foreach ops into combo kernels, one launch for many tensors; per-tensor lowering was not
-measured there.)
+grouping pays one ``cat`` per input list and one ``copy_`` per tensor back, and inductor
+compiles the 200-way ``cat`` and split slowly. Measured with real inductor on CPU (torch
+2.13, one RMSprop step over 200 fp32 tensors of mixed shapes, ``benchmarks/bench_grouping.py``;
+the three runs and their conditions are in ``benchmarks/README.md``), grouping lost on
+compile time and on step time in every run, while per-tensor lowering compiled about as
+fast as inductor's own foreach lowering and stepped as fast or faster; so this pass does
+not group unrelated tensors. (On CUDA inductor turns foreach ops into combo kernels, one
+launch for many tensors; per-tensor lowering was not measured there.)
 """
 
 from __future__ import annotations

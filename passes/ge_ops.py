@@ -1,8 +1,12 @@
 """The aten/prims op overloads that torchair's GE (max-autotune) mode can convert.
 
 In torchair's max-autotune mode every FX node must have a GE converter; an aten op
-without one, or whose converter is a stub that only raises, fails the compile
-(``research/torchair.md`` section 6). ``ge_allowlist.json`` beside this file lists the
+without one, or whose converter is a stub that only raises, fails the compile (torch_npu
+2.13.0, ``torch_npu/dynamo/torchair/_ge_concrete_graph/fx2ge_converter.py``: a node's
+converter is ``op._ge_converter``; ``get_or_auto_gen_converter`` would generate one, but
+``_validate_support`` rejects every aten/prims op as a builtin; the converters live in
+``_ge_concrete_graph/ge_converter/aten/``, where some bodies are a single ``raise``,
+e.g. ``_foreach_sqrt.default`` and ``sub.Scalar``). ``ge_allowlist.json`` beside this file lists the
 overloads with a working converter in torch_npu 2.13.0's wheel. The developer tool
 ``tools/ge_allowlist.py`` (not part of the installed package) regenerates it from the
 wheel; this module only reads it.

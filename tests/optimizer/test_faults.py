@@ -170,9 +170,9 @@ def _assert_snapshot(opt, params, snap):
 
 
 def _forget_compiled_steps(opt) -> None:
-    for entry in opt._engine.groups.values():
-        for compiled in entry.compiled:
-            compiled.fn = None
+    for plan in opt._engine.plans().values():
+        for bucket in plan.buckets:
+            bucket.cache.pop("compiled", None)
 
 
 @pytest.mark.parametrize("where", ["compile", "call"])
@@ -182,11 +182,11 @@ def test_a_step_that_raises_changes_nothing(where, monkeypatch):
     state and step counts stay as they were (the first bucket, whose step compiles,
     is not run either: every step is compiled before any is run), and the next step
     gives torch's result."""
-    from npu_optim_compile import _bucket_step
+    from npu_optim_compile import _bucket_step, _engine
 
     po = make_params(shapes=[(4, 3), (7,)]) + [torch.nn.Parameter(torch.randn(5, dtype=torch.float64))]
     pr = clone_params(po)
-    ours = NpuFusedRMSprop(po, backend="eager", **KW)
+    ours = NpuFusedRMSprop(po, **KW)
     ref = torch.optim.RMSprop(pr, **KW)
     for step in range(3):
         set_grads(step, po, pr)
@@ -202,10 +202,16 @@ def test_a_step_that_raises_changes_nothing(where, monkeypatch):
     _bucket_step.clear_cache()
     _forget_compiled_steps(ours)
     if where == "compile":
-        monkeypatch.setattr(_bucket_step, "_build", lambda key: boom if key.dtype == torch.float64 else real_build(key))
+        monkeypatch.setattr(
+            _bucket_step, "_build", lambda key, *a: boom if key.dtype == torch.float64 else real_build(key, *a)
+        )
     else:
-        monkeypatch.setattr(_bucket_step, "_build", lambda key: boom if key.dtype == torch.float32 else real_build(key))
-        monkeypatch.setattr(_bucket_step, "_run_on_scratch", lambda *a: None)  # it fails when called
+        real_run = _engine.run_segments
+
+        def run_first_fails(bucket, *args):
+            return boom() if bucket.dtype == torch.float32 else real_run(bucket, *args)
+
+        monkeypatch.setattr(_engine, "run_segments", run_first_fails)
     with pytest.raises(RuntimeError, match="injected failure"):
         ours.step()
     _assert_snapshot(ours, po, snap)

@@ -233,27 +233,3 @@ def test_auto_backend_picks_by_device_type():
     # torch.device("npu") itself needs torch_npu; only .type is read
     assert opt._engine._resolve_backend(SimpleNamespace(type="npu")) == "torchair"
     assert NpuFusedRMSprop(make_params(), backend="eager")._engine._resolve_backend(SimpleNamespace(type="npu")) == "eager"
-
-
-def test_every_option_comes_from_rmsprop_options():
-    """One place for each option: the constructor's signature, the pure API's, the
-    defaults of torch's six arguments and the docs all follow RMSpropOptions."""
-    import inspect
-
-    from npu_optim_compile import RMSpropOptions, rmsprop_update
-
-    defaults = RMSpropOptions.defaults()
-    ctor = inspect.signature(NpuFusedRMSprop).parameters
-    pure = inspect.signature(rmsprop_update).parameters
-    doc = NpuFusedRMSprop.__doc__
-    for name, default in defaults.items():
-        assert ctor[name].default == default, name
-        if name != "initial_square_avg":  # rmsprop_init's
-            assert pure[name].default == default, name
-        assert RMSpropOptions.doc(name), name
-        assert f"{name}:" in doc or f"``{name}``" in doc, f"{name} is not documented in NpuFusedRMSprop"
-    torch_rmsprop = inspect.signature(torch.optim.RMSprop).parameters
-    for name in ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize"):
-        assert defaults[name] == torch_rmsprop[name].default, name
-    with pytest.raises(TypeError, match="unexpected keyword argument.*'foreach'.*the options are lr, alpha"):
-        NpuFusedRMSprop(make_params(), foreach=True)

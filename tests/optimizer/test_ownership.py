@@ -1,7 +1,12 @@
-"""Storage another engine owns is never re-pointed (one process, no torch.distributed)."""
+"""Storage another engine owns is never re-pointed (one process, no torch.distributed).
+
+By default nothing is ever re-pointed; with ``combine_params=True`` params are moved into
+flat buffers, except those whose storage someone else holds (``_ownership.is_foreign``).
+"""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from parity import TOLERANCES, clone_params, make_params, set_grads
@@ -9,6 +14,7 @@ from npu_optim_compile import NpuFusedRMSprop
 from npu_optim_compile._ownership import is_foreign
 
 KWARGS = dict(momentum=0.5, centered=True)
+MODES = pytest.mark.parametrize("combine", [False, True], ids=["separate", "combined"])
 
 
 def test_is_foreign():
@@ -17,12 +23,12 @@ def test_is_foreign():
     bucket = torch.zeros(10)
     assert is_foreign(bucket[2:8].view(3, 2))  # a view into a larger storage
     assert is_foreign(bucket.view(2, 5))  # all of a storage that `bucket` shares
-    opt = NpuFusedRMSprop([alone], backend="eager")
+    opt = NpuFusedRMSprop([alone], backend="eager", combine_params=True)
     alone.grad = torch.randn(3, 2)
     opt.step()
-    flat = opt._engine.layouts()[0].buckets[0].param
-    assert alone.data_ptr() == flat.data_ptr()  # now a view of our flat buffer, which
-    # shares its storage: known as ours, so not foreign
+    flat = opt.get_combined_params()[0]
+    assert alone.data_ptr() == flat.data_ptr()  # now a view of our flat buffer, in a
+    # storage of its own: not foreign
     assert not is_foreign(alone) and not is_foreign(alone.grad)
 
 
@@ -37,26 +43,30 @@ def as_views_of_one_bucket(params):
     return bucket
 
 
-def test_params_in_a_foreign_bucket_stay_there():
+@MODES
+def test_params_in_a_foreign_bucket_stay_there(combine):
     po = make_params(shapes=[(4, 3), (7,), (2, 3, 2)])
     pr = clone_params(po)
     bucket = as_views_of_one_bucket(po)
-    opt = NpuFusedRMSprop(po, backend="eager", **KWARGS)
+    ptrs = [p.data_ptr() for p in po]
+    opt = NpuFusedRMSprop(po, backend="eager", combine_params=combine, **KWARGS)
     ref = torch.optim.RMSprop(pr, **KWARGS)
     for step in range(5):
         set_grads(step, po, pr)
         opt.step()
         ref.step()
-    layout = opt._engine.layouts()[0]
-    assert layout.buckets == [] and len(layout.loose) == 3
+    assert [p.data_ptr() for p in po] == ptrs
+    if combine:
+        assert opt._engine.combiner.chunks == []
     # The owner's bucket holds the updated values (ZeRO broadcasts exactly this tensor).
     expected = torch.cat([q.detach().reshape(-1) for q in pr])
     torch.testing.assert_close(bucket, expected, **TOLERANCES[torch.float32])
 
 
-def test_grads_in_a_foreign_bucket_are_copied_not_repointed():
+@MODES
+def test_grads_in_a_foreign_bucket_are_read_not_repointed(combine):
     """As DDP(gradient_as_bucket_view=True): each backward writes the grads into the
-    owner's bucket; we copy them in, and p.grad stays the owner's view."""
+    owner's bucket; the step reads them there, and p.grad stays the owner's view."""
     po = make_params(shapes=[(4, 3), (7,), (2, 3, 2)])
     pr = clone_params(po)
     grad_bucket = torch.zeros(sum(p.numel() for p in po))
@@ -64,7 +74,7 @@ def test_grads_in_a_foreign_bucket_are_copied_not_repointed():
     for p in po:
         views.append(grad_bucket[offset : offset + p.numel()].view_as(p))
         offset += p.numel()
-    opt = NpuFusedRMSprop(po, backend="eager", **KWARGS)
+    opt = NpuFusedRMSprop(po, backend="eager", combine_params=combine, **KWARGS)
     ref = torch.optim.RMSprop(pr, **KWARGS)
     for step in range(5):
         set_grads(step, pr)
@@ -76,6 +86,6 @@ def test_grads_in_a_foreign_bucket_are_copied_not_repointed():
         opt.zero_grad(set_to_none=False)  # zeroes the owner's views in place, keeps them
         assert all(p.grad is view for p, view in zip(po, views))
         assert torch.count_nonzero(grad_bucket) == 0
-    assert len(opt._engine.layouts()[0].buckets) == 1
+    assert [b["tensors"] for b in opt.describe_buckets()] == [3]
     for p, q in zip(po, pr):
         torch.testing.assert_close(p.detach(), q.detach(), **TOLERANCES[torch.float32])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing._internal.common_optimizers import optim_inputs_func_rmsprop
 
-from parity import SHAPES, TOLERANCES, assert_same_state, clone_params, make_params, run_side_by_side, set_grads
+from parity import SHAPES, TOLERANCES, assert_same_state, clone_params, make_params, run_side_by_side
 from npu_optim_compile import NpuFusedRMSprop
 
 TORCH_CONFIGS = optim_inputs_func_rmsprop("cpu")
@@ -45,18 +45,12 @@ def test_dtypes(dtype, kwargs):
 def test_mixed_dtypes_in_one_group():
     """fp32, fp16, bf16 and fp64 params in one group: one bucket each, all exact."""
     dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float32]
-    po = [torch.nn.Parameter(torch.randn(5, 3).to(d)) for d in dtypes]
-    pr = clone_params(po)
-    opt = NpuFusedRMSprop(po, momentum=0.5, backend="inductor")
-    ref = torch.optim.RMSprop(pr, momentum=0.5)
-    for step in range(20):
-        set_grads(step, po, pr)
-        opt.step()
-        ref.step()
+    params = [torch.nn.Parameter(torch.randn(5, 3).to(d)) for d in dtypes]
+    opt, ref, po, pr = run_side_by_side(ours("inductor"), {"momentum": 0.5}, params=(params, None))
     for d in set(dtypes):
         idx = [i for i, x in enumerate(dtypes) if x == d]
         assert_same_state(opt, ref, [po[i] for i in idx], [pr[i] for i in idx], **TOLERANCES[d])
-    assert len(opt._engine.layouts()[0].buckets) == 4
+    assert len(opt.describe_buckets()) == 4
 
 
 @pytest.mark.parametrize("lr", [0.05, torch.tensor(0.05)], ids=["float", "tensor"])
@@ -66,9 +60,6 @@ def test_lr_float_and_tensor(lr):
 
 
 def test_param_groups_with_different_options():
-    po = make_params()
-    pr = clone_params(po)
-
     def groups(ps):
         return [
             {"params": ps[:2], "lr": 0.03, "centered": True},
@@ -76,12 +67,7 @@ def test_param_groups_with_different_options():
             {"params": ps[3:], "alpha": 0.5, "maximize": True},
         ]
 
-    opt = NpuFusedRMSprop(groups(po), lr=0.01, backend="inductor")
-    ref = torch.optim.RMSprop(groups(pr), lr=0.01)
-    for step in range(20):
-        set_grads(step, po, pr)
-        opt.step()
-        ref.step()
+    opt, ref, po, pr = run_side_by_side(ours("inductor"), {"lr": 0.01}, groups=groups)
     assert_same_state(opt, ref, po, pr, **TOLERANCES[torch.float32])
 
 
@@ -116,11 +102,6 @@ def test_non_contiguous_params():
     pr = clone_params(po)
     pr[0] = torch.nn.Parameter(po[0].detach().clone().t().contiguous().t())
     pr[1] = torch.nn.Parameter(base.clone()[:, ::2])
-    opt = NpuFusedRMSprop(po, backend="inductor")
-    ref = torch.optim.RMSprop(pr)
-    for step in range(20):
-        set_grads(step, po, pr)
-        opt.step()
-        ref.step()
+    opt, ref, po, pr = run_side_by_side(ours("inductor"), {}, params=(po, pr))
     assert po[0].stride() == (1, 6)
     assert_same_state(opt, ref, po, pr, **TOLERANCES[torch.float32])

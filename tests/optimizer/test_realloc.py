@@ -1,4 +1,9 @@
-"""Re-allocated params and grads: detected, gathered again, never silently dropped."""
+"""Re-allocated params and grads: read where they now are, never silently dropped.
+
+By default params, grads and state stay the user's tensors: a param whose data is
+replaced is updated at its new address. With ``combine_params=True`` a param that moves
+out of its flat buffer stays where the user put it (it is never gathered back).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from parity import TOLERANCES, assert_same_state, clone_params, make_params, set
 from npu_optim_compile import NpuFusedRMSprop
 
 TOL = TOLERANCES[torch.float32]
+MODES = pytest.mark.parametrize("combine", [False, True], ids=["separate", "combined"])
 
 
 def run(po, pr, ours, ref, steps, start=0):
@@ -18,19 +24,21 @@ def run(po, pr, ours, ref, steps, start=0):
         ref.step()
 
 
+@MODES
 @pytest.mark.parametrize("backend", ["eager", "inductor"])
-def test_param_data_replaced(backend):
+def test_param_data_replaced(backend, combine):
     po = make_params()
     pr = clone_params(po)
-    ours = NpuFusedRMSprop(po, momentum=0.5, backend=backend)
+    ours = NpuFusedRMSprop(po, momentum=0.5, backend=backend, combine_params=combine)
     ref = torch.optim.RMSprop(pr, momentum=0.5)
     run(po, pr, ours, ref, 5)
     new = torch.randn(po[0].shape)
     po[0].data = new.clone()  # e.g. a weight re-initialised in place of the old tensor
     pr[0].data = new.clone()
+    where = po[0].data_ptr()
     run(po, pr, ours, ref, 5, start=5)
     assert_same_state(ours, ref, po, pr, **TOL)
-    assert ours._engine.layouts()[0].buckets[0].owns(po[0])  # gathered back into the flat buffer
+    assert po[0].data_ptr() == where  # updated where the user put it
 
 
 def test_model_to_channels_last():
@@ -54,67 +62,91 @@ def test_model_to_channels_last():
     assert_same_state(ours, ref, list(mo.parameters()), list(mr.parameters()), **TOL)
 
 
-def test_param_leaving_the_bucket_gets_its_own_storage():
-    """A param without a grad at the next step is released from the flat buffers:
-    modifying it afterwards must not touch other params, and its values are kept."""
+@MODES
+def test_param_without_a_grad_keeps_its_values_and_storage(combine):
+    """A param without a grad at the next step is not updated: modifying it afterwards
+    must not touch other params, its values are kept, and when its grad comes back it
+    is updated where it is."""
     po = make_params()
-    ours = NpuFusedRMSprop(po, backend="eager")
-    set_grads(0, po)
+    pr = clone_params(po)
+    ours = NpuFusedRMSprop(po, backend="eager", combine_params=combine)
+    ref = torch.optim.RMSprop(pr)
+    set_grads(0, po, pr)
     ours.step()
-    kept = po[1].detach().clone()
-    set_grads(1, po, skip=lambda step, i: i == 1)
+    ref.step()
+    kept, where = po[1].detach().clone(), po[1].data_ptr()
+    set_grads(1, po, pr, skip=lambda step, i: i == 1)
     ours.step()
-    old_buffers = ours._engine.layouts()[0].buckets
-    assert not any(b.owns(po[1]) for b in old_buffers)
-    assert torch.equal(po[1].detach(), kept)
+    ref.step()
+    assert torch.equal(po[1].detach(), kept) and po[1].data_ptr() == where
     others = [p.detach().clone() for p in po]
     with torch.no_grad():
         po[1].add_(100.0)
+        pr[1].add_(100.0)
     for i, (p, before) in enumerate(zip(po, others)):
         if i != 1:
             assert torch.equal(p.detach(), before)
+    run(po, pr, ours, ref, 3, start=2)
+    assert_same_state(ours, ref, po, pr, **TOL)
+    assert po[1].data_ptr() == where
 
 
-def test_zero_grad_keeping_grads_moves_them_into_the_flat_buffer():
-    """step() leaves the user's grads where they are; zero_grad(set_to_none=False)
-    points them at their slots (zeroing what they replace), and they stay there."""
+def test_zero_grad_keeping_grads_moves_combined_grads_into_the_flat_buffer():
+    """step() leaves the user's grads where they are; with combined params,
+    zero_grad(set_to_none=False) points them at their slots (zeroing what they
+    replace), and they stay there."""
     po = make_params()
-    ours = NpuFusedRMSprop(po, backend="eager")
+    ours = NpuFusedRMSprop(po, backend="eager", combine_params=True)
     set_grads(0, po)
     before = [p.grad for p in po]
     ours.step()
-    bucket = ours._engine.layouts()[0].buckets[0]
+    (chunk,) = ours._engine.combiner.chunks
+    lo, hi = chunk.grad.data_ptr(), chunk.grad.data_ptr() + chunk.grad.numel() * 4
+
+    def owned(t):
+        return lo <= t.data_ptr() < hi
+
     assert all(p.grad is g for p, g in zip(po, before))
-    assert not any(bucket.owns(p.grad) for p in po)
+    assert not any(owned(p.grad) for p in po)
     ours.zero_grad(set_to_none=False)
-    assert all(bucket.owns(p.grad) for p in po if p.numel())
-    assert torch.count_nonzero(bucket.grad) == 0
+    assert all(owned(p.grad) for p in po)
+    assert torch.count_nonzero(chunk.grad) == 0
     assert all(torch.count_nonzero(g) == 0 for g in before)  # as torch zeroes them
     slots = [p.grad for p in po]
-    set_grads_in_place = [p.grad.add_(1.0) for p in po]
-    del set_grads_in_place
+    for p in po:
+        p.grad.add_(1.0)
     ours.step()
     ours.zero_grad(set_to_none=False)
     assert all(p.grad is s for p, s in zip(po, slots))
 
 
-def test_params_sharing_storage_stay_tied():
-    """Two params on one storage (or a param a kept tensor aliases) are not re-pointed."""
+@MODES
+def test_params_sharing_storage_stay_tied(combine):
+    """Two params on one storage (or a param a kept tensor aliases) are never re-pointed:
+    tied ones are updated one after the other, as torch updates them."""
     base = torch.randn(6)
-    a = torch.nn.Parameter(base.clone())
-    b = torch.nn.Parameter(a.data)  # same storage
     kept = torch.randn(4)
-    c = torch.nn.Parameter(kept)  # `kept` still aliases it
-    d = torch.nn.Parameter(torch.randn(3))  # owns its storage: flattened
-    opt = NpuFusedRMSprop([a, b, c, d], backend="eager")
+    made = {}
+    for name in ("ours", "ref"):
+        a = torch.nn.Parameter(base.clone())
+        b = torch.nn.Parameter(a.data)  # same storage
+        c = torch.nn.Parameter(kept if name == "ours" else kept.clone())  # `kept` still aliases it
+        d = torch.nn.Parameter(torch.arange(3.0))  # owns its storage: combined
+        made[name] = [a, b, c, d]
+    po, pr = made["ours"], made["ref"]
+    opt = NpuFusedRMSprop(po, backend="eager", weight_decay=0.1, combine_params=combine)
+    ref = torch.optim.RMSprop(pr, weight_decay=0.1)
     for step in range(3):
-        for p in (a, b, c, d):
-            p.grad = torch.ones_like(p)
+        set_grads(step, po, pr)
         opt.step()
+        ref.step()
+    a, b, c, d = po
     assert a.data_ptr() == b.data_ptr()
     assert c.data_ptr() == kept.data_ptr()
-    (bucket,) = opt._engine.layouts()[0].buckets
-    assert bucket.params == [d]
+    assert_same_state(opt, ref, po, pr, **TOL)
+    if combine:
+        (chunk,) = opt._engine.combiner.chunks
+        assert chunk.params == [d]
 
 
 def test_step_bumps_autograd_versions():

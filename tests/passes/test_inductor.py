@@ -8,7 +8,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch._inductor.utils import fresh_cache
 
-from fusion_testing import clone_all, flat_buffers, rmsprop_over_views
+from fusion_testing import INDUCTOR_COMPOSITE_SPLIT, clone_all, flat_buffers, rmsprop_over_views
 from npu_optim_compile.passes import ForeachFusionPass, FusionOptions
 
 
@@ -35,7 +35,8 @@ def test_flat_rmsprop_compiles_with_the_pass_and_keeps_the_cache():
     for c, e in zip(compiled, expected):
         torch.testing.assert_close(c, e)
     (stats,) = fusion.history
-    assert (stats.foreach_fused, stats.cats_collapsed, stats.foreach_after) == (7, 2, 0)
+    # seven foreach ops, one more where inductor splits addcmul (torch 2.11)
+    assert (stats.foreach_fused, stats.cats_collapsed, stats.foreach_after) == (7 + INDUCTOR_COMPOSITE_SPLIT, 2, 0)
     assert counters["inductor"]["fxgraph_cache_bypass"] == 0  # uuid() keeps the cache on
     assert counters["inductor"]["fxgraph_cache_miss"] == 1
 
@@ -59,7 +60,7 @@ def test_per_tensor_bf16_composites_compile():
     for o, e in zip(out, expected):
         torch.testing.assert_close(o, e)
     (stats,) = fusion.history
-    assert stats.foreach_lowered == 2 and stats.foreach_after == 0
+    assert stats.foreach_lowered == 2 + INDUCTOR_COMPOSITE_SPLIT and stats.foreach_after == 0
 
 
 def test_uuid_is_stable_and_keyed_on_options():

@@ -67,24 +67,28 @@ def _ours(params, backend="eager", **kwargs):
 
 
 def _layout_facts(opt) -> dict:
-    """Which of the optimizer's params went to flat buckets and which stayed loose, and
-    whether zero_grad(set_to_none=False) moved the grads into our flat grad buffers
-    (never for grads another engine owns)."""
-    layouts = list(opt._engine.layouts().values())
+    """Which of the optimizer's params went to buckets (one fused call each) and which
+    stayed loose; how many were combined into flat buffers; and whether
+    zero_grad(set_to_none=False) kept every grad object (it re-points only combined
+    params' grads into their flat grad buffer, never grads another engine owns)."""
+    plans = list(opt._engine.plans().values())
+    params = [p for plan in plans for p in plan.params]
+    before = [p.grad for p in params]
     opt.zero_grad(set_to_none=False)
-    in_ours = [any(b.owns(p.grad) for b in lay.buckets) for lay in layouts for b0 in lay.buckets for p in b0.params]
+    combiner = opt._engine.combiner
     return {
-        "bucketed": sum(len(b.params) for lay in layouts for b in lay.buckets),
-        "loose": sum(len(lay.loose) for lay in layouts),
-        "grads_in_our_buffer": all(in_ours) if in_ours else None,
+        "bucketed": sum(len(b.params) for plan in plans for b in plan.buckets),
+        "loose": sum(len(plan.loose) for plan in plans),
+        "combined": sum(len(c.params) for c in combiner.chunks) if combiner is not None else 0,
+        "grads_kept": all(p.grad is g for p, g in zip(params, before)),
     }
 
 
-def _ddp(gradient_as_bucket_view: bool, backend: str, rank: int) -> dict:
+def _ddp(gradient_as_bucket_view: bool, backend: str, rank: int, **kwargs) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = DDP(make_model(), gradient_as_bucket_view=gradient_as_bucket_view)
-    opt = _ours(model.parameters(), backend=backend)
+    opt = _ours(model.parameters(), backend=backend, **kwargs)
     train(model, opt, rank)
     return {"params": [p.detach().clone() for p in model.parameters()], **_layout_facts(opt)}
 
@@ -101,7 +105,15 @@ def ddp_bucket_view_inductor(rank):
     return _ddp(True, "inductor", rank)
 
 
-def _zero(parameters_as_bucket_view: bool, rank: int) -> dict:
+def ddp_combined(rank):
+    return _ddp(False, "eager", rank, combine_params=True)
+
+
+def ddp_bucket_view_combined(rank):
+    return _ddp(True, "eager", rank, combine_params=True)
+
+
+def _zero(parameters_as_bucket_view: bool, rank: int, **kwargs) -> dict:
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -114,6 +126,7 @@ def _zero(parameters_as_bucket_view: bool, rank: int) -> dict:
         parameters_as_bucket_view=parameters_as_bucket_view,
         backend="eager",
         **KWARGS,
+        **kwargs,
     )
     train(model, opt, rank)
     local = opt.optim
@@ -130,6 +143,10 @@ def zero(rank):
 
 def zero_bucket_view(rank):
     return _zero(True, rank)
+
+
+def zero_bucket_view_combined(rank):
+    return _zero(True, rank, combine_params=True)
 
 
 def fsdp2(rank, out_dir):
@@ -205,7 +222,17 @@ def _dcp_round_trip(model, opt, make_sharded, rank, out_dir) -> float:
 
 SCENARIOS = {
     f.__name__: f
-    for f in (ddp_grads_copied, ddp_bucket_view, ddp_bucket_view_inductor, zero, zero_bucket_view, fsdp2)
+    for f in (
+        ddp_grads_copied,
+        ddp_bucket_view,
+        ddp_bucket_view_inductor,
+        ddp_combined,
+        ddp_bucket_view_combined,
+        zero,
+        zero_bucket_view,
+        zero_bucket_view_combined,
+        fsdp2,
+    )
 }
 
 

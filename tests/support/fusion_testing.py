@@ -9,7 +9,13 @@ import collections
 import operator
 
 import torch
+from torch._inductor.decomposition import select_decomp_table
 from torch.fx.experimental.proxy_tensor import make_fx
+
+#: Foreach ops one foreach addcmul/addcdiv adds in inductor's graphs beyond itself: 1 on
+#: torch 2.11, whose inductor decomposition table splits each into two foreach ops
+#: (``_foreach_mul``/``_foreach_div`` then ``_foreach_add``); 0 on 2.12 and 2.13.
+INDUCTOR_COMPOSITE_SPLIT = int(torch.ops.aten._foreach_addcmul.Scalar in select_decomp_table())
 
 
 def trace(fn, *args) -> torch.fx.GraphModule:

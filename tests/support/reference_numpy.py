@@ -58,7 +58,12 @@ def timm_rmsprop_tf(p, g, s, *, lr, alpha=0.9, eps=1e-10, weight_decay=0.0, mome
     - no momentum: ``p -= lr * g / avg`` (line 295).
 
     The foreach path (lines 298-379, ``_foreach_apply_caution`` lines 298-305) computes
-    the same numbers.
+    the same numbers. Op order as timm's (which decides fp32 rounding): its
+    ``addcdiv_(grad, avg, value=lr)`` is ``buf + (lr * grad) / avg`` (torch's CPU
+    kernel), ``add_(x, alpha=a)`` is ``+ a * x``. On float32 arrays this is timm's fp32
+    arithmetic, except that torch's vectorised CPU kernels fuse ``add_`` with ``alpha``
+    and ``addcmul`` into one fused multiply-add (one rounding) with AVX2 and AVX-512
+    (not with ``ATEN_CPU_CAPABILITY=default``).
     """
     if not s:
         s.update(v=np.ones_like(p), ga=np.zeros_like(p), b=np.zeros_like(p), step=0)
@@ -88,13 +93,13 @@ def timm_rmsprop_tf(p, g, s, *, lr, alpha=0.9, eps=1e-10, weight_decay=0.0, mome
     if momentum > 0:
         s["b"] = s["b"] * momentum
         if lr_in_momentum:
-            s["b"] = s["b"] + lr * (g / avg)
+            s["b"] = s["b"] + (lr * g) / avg
             buf = apply_caution(s["b"], g) if caution else s["b"]
             return p - buf
         s["b"] = s["b"] + g / avg
         buf = apply_caution(s["b"], g) if caution else s["b"]
         return p + (-lr) * buf
-    return p + (-lr) * (g / avg)
+    return p + ((-lr) * g) / avg
 
 
 def torch_npu_rmsprop_tf(p, g, s, *, lr, alpha=0.9, eps=1e-10, weight_decay=0.0, momentum=0.0,
