@@ -24,9 +24,9 @@ converters: ConcatV2, the elementwise step, SplitV. The user's graph holds one n
 bucket, so Dynamo traces it in the same time for 10 tensors or 10,000. Eagerly (and
 under any other backend) the op runs the same function in Python.
 
-Not taken here (the opaque op is emitted, which torchair then rejects, naming it):
-``combine_params=True`` buckets, ``caution`` (its per-param means), a GradScaler, and
-params the engine steps per tensor (``_plan.py``'s loose params).
+Not taken here (``_in_compile.py`` warns and runs the eager step behind a graph break):
+``combine_params=True`` buckets, ``caution`` (its per-param means), a GradScaler,
+complex params, and params the engine steps per tensor (``_plan.py``'s loose params).
 """
 
 from __future__ import annotations
@@ -207,6 +207,8 @@ def unsupported(plan, options, amp_on: bool, combined: bool) -> str:
         return "params the step updates per tensor (loose params, see _plan.py)"
     if combined or any(b.kind != "staged" for b in plan.buckets):
         return "combine_params=True"
+    if any(b.dtype.is_complex for b in plan.buckets):
+        return "complex params"
     return ""
 
 

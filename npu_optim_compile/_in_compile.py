@@ -17,6 +17,10 @@ against anything else in the graph that reads params or writes grads
 (``optimizer.state``) is not a graph input: nothing else in a graph reads it, and
 leaving it out spares Dynamo one input per state tensor.
 
+Where a bucket's backend is torchair, GE must see the step's ops and torchair cannot
+convert this op: the traced step then emits ``_ge_step.py``'s functional op per bucket
+instead (:func:`init_group` answers ``"ge"``).
+
 Note [Dynamo and _init_group]: Dynamo's ``OptimizerVariable`` (``torch/_dynamo/variables/
 optimizer.py``, torch 2.13) does not trace a method named ``_init_group``: it calls it in
 Python with the real optimizer, when the arguments are constants, empty lists or
