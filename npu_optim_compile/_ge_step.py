@@ -3,7 +3,7 @@
 Under inductor the step is one opaque custom op that runs the eager engine
 (``_in_compile.py``). torchair cannot take that op: it converts every node of the
 user's graph into Graph Engine (GE) ops, has no converter for a Python op, and its
-``auto_functionalized_v2`` converter (``_ge_concrete_graph/auto_functionalized_v2.py``,
+``auto_functionalized_v2`` converter (``torchair/_ge_concrete_graph/auto_functionalized_v2.py``,
 torch_npu 2.13.0) cannot convert any custom op that mutates a ``Tensor[]`` argument.
 
 So for buckets whose backend is torchair the traced step emits, per bucket, the
