@@ -99,11 +99,15 @@ def compile_counts() -> Counter[StepKey]:
 
 
 def clear_cache() -> None:
-    """Forget every compiled bucket step (the next step compiles again)."""
+    """Forget every compiled bucket step, here and the segment drivers kept on disk for
+    other processes (the next step compiles again)."""
+    from . import _driver_cache
+
     with _lock:
         _cache.clear()
         _segment_cache.clear()
         _compile_counts.clear()
+        _driver_cache.clear()
 
 
 def _make_python_step(key: StepKey) -> BucketStep:
@@ -185,10 +189,15 @@ def get_segment_kernel(key: StepKey):
     structure whose compiled step is not one elementwise kernel."""
     from ._segments import SEGMENT_ROLES, NotElementwise, SegmentKernel, capture_call, driver_source
 
+    from . import _driver_cache
+
     found = _segment_cache.get(key)
     if found is None:
         with _lock:
             found = _segment_cache.get(key)
+            stored = _driver_cache.load(key) if found is None and not key.dump_dir else None
+            if stored is not None:  # compiled by an earlier process (_driver_cache.py)
+                found = _segment_cache[key] = SegmentKernel(stored, key.roles)
             if found is None:
                 sink: dict = {"sources": []}
                 fn = _build(key, sink)
@@ -200,6 +209,7 @@ def get_segment_kernel(key: StepKey):
                     step_slot = HYPER_LAYOUT.index("step") if "bias_correction" in key.flags else -1
                     source = driver_source(kernel.source, arguments, row_bytes, len(HYPER_LAYOUT), step_slot)
                     found = SegmentKernel(source, key.roles)
+                    _driver_cache.store(key, source)
                     if sink.get("dump") is not None:
                         sink["dump"].write("segment_driver.cpp", source)
                         sink["dump"].finish(segment_driver="segment_driver.cpp")
