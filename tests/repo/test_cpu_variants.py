@@ -67,6 +67,9 @@ def test_simdlen_option_sets_inductor_config(tmp_path):
     import torch
 
     check = probe(tmp_path, capability=torch.backends.cpu.get_cpu_capability(), simdlen=0, isa="scalar")
-    out = run_pytest([check, "--inductor-simdlen", "0"])
+    # The child keeps this process's ATEN_CPU_CAPABILITY (the suite may run under one),
+    # with a cache of its own for it.
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    out = run_pytest([check, "--inductor-simdlen", "0"], capability=capability, cache=f"simdlen0-{capability or 'native'}")
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert "inductor cpp.simdlen=0" in out.stdout
